@@ -1,0 +1,130 @@
+"""Write checkpoints in either layout, from a model in memory or streamed from another checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pixtral.checkpoint.files import HF, MISTRAL, find_files, index_tensors, read_args
+from pixtral.checkpoint.layout import from_hf_rows, key_specs, to_hf_rows
+from pixtral.checkpoint.safetensors_io import write_safetensors
+from pixtral.errors import CheckpointError
+from pixtral.model.args import ModelArgs
+
+HF_SHARD_BYTES = 5 * 2**30
+
+
+def _prepare_output(dst: Path, overwrite: bool) -> Path:
+    """A fresh temporary directory beside dst; dst itself is only replaced once complete."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise CheckpointError(f"{dst}: already exists and is not empty; choose another output directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
+def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
+                     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                     produce: Callable[[str], torch.Tensor], tokenizer_file: Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a checkpoint whose tensors `produce(mistral_name)` returns in Mistral convention."""
+    if layout not in (MISTRAL, HF):
+        raise CheckpointError(f"unknown layout {layout!r}; use 'mistral' or 'hf'")
+    dst = Path(dst).expanduser()
+    tmp = _prepare_output(dst, overwrite)
+    try:
+        specs = key_specs(args)
+        if layout == MISTRAL:
+            entries = [(s.mistral, *shapes[s.mistral]) for s in specs]
+            write_safetensors(tmp / "consolidated.safetensors", entries, produce)
+            (tmp / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n")
+        else:
+            by_hf = {s.hf: s for s in specs}
+
+            def produce_hf(hf_name: str) -> torch.Tensor:
+                spec = by_hf[hf_name]
+                t = produce(spec.mistral)
+                return to_hf_rows(t, spec.permute_heads, spec.head_dim) if spec.permute_heads else t
+
+            _write_hf_shards(tmp, [(s.hf, *shapes[s.mistral]) for s in specs], produce_hf)
+            dtype = next(iter(shapes.values()))[1]
+            config = args.to_hf_config()
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tekken.json")
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _write_hf_shards(root: Path, entries, produce) -> None:
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+        if current and size + nbytes > HF_SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write_safetensors(root / "model.safetensors", shards[0], produce, metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(root / name, shard, produce, metadata={"format": "pt"})
+        for key, shape, dtype in shard:
+            weight_map[key] = name
+            total += torch.Size(shape).numel() * dtype.itemsize
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_model(model, dst: str | Path, layout: str = MISTRAL, tokenizer_file: Path | None = None,
+               dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Save an in-memory `Pixtral` model in either layout."""
+    params = dict(model.named_parameters())
+    target = dtype or next(iter(params.values())).dtype
+    shapes = {name: (tuple(p.shape), target) for name, p in params.items()}
+    return write_checkpoint(model.args, dst, layout, shapes,
+                            lambda name: params[name].detach().to("cpu", target), tokenizer_file, overwrite)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> Path:
+    """Stream a checkpoint into the other layout, tensor by tensor, bit-exact."""
+    files = find_files(src)
+    args = read_args(files)
+    tensors = index_tensors(files, args)
+    perms = {s.mistral: s for s in key_specs(args) if s.permute_heads}
+    shapes = {ours: (info.shape, info.dtype) for ours, (_, info) in tensors.items()}
+
+    def produce(ours: str) -> torch.Tensor:
+        stored_name, info = tensors[ours]
+        with safe_open(str(info.file), framework="pt", device="cpu") as f:
+            t = f.get_tensor(stored_name)
+        if files.layout == HF and ours in perms:
+            t = from_hf_rows(t, perms[ours].permute_heads, perms[ours].head_dim)
+        return t
+
+    return write_checkpoint(args, dst, to, shapes, produce, files.tokenizer_file, overwrite)

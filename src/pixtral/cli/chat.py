@@ -1,0 +1,108 @@
+"""`pixtral chat`: talk to a model about images in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pixtral.cli.common import add_model_options, load_model_and_processor
+from pixtral.errors import PixtralError
+
+HELP = """\
+Ask a question about one or more images. With a PROMPT, prints one answer as it is generated.
+Without one, starts an interactive chat: type a message and press Enter; '/image FILE' attaches
+an image to your next message, '/reset' starts over, '/quit' (or Ctrl-D) leaves.
+
+examples:
+  pixtral chat --image examples/chart.png "Which bar is the tallest?"
+  pixtral chat --model ~/models/Pixtral-12B-2409 --image photo.jpg
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model about images", description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    p.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="image file or URL to show the model (repeat for several)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.set_defaults(func=run)
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image_url", "image_url": {"url": img}} for img in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def _answer(model, processor, messages, params, out) -> str:
+    from pixtral.generation import stream_chat
+
+    text = ""
+    for piece in stream_chat(model, processor, messages, params):
+        if isinstance(piece, str):
+            out.write(piece)
+            out.flush()
+            text += piece
+    out.write("\n")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from pixtral.generation import SamplingParams
+    from pixtral.processing import load_image
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    for img in args.image:  # fail on a bad image before loading a large model
+        load_image(img)
+    model, processor = load_model_and_processor(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        _answer(model, processor, history + [_user_message(args.prompt, args.image)], params, sys.stdout)
+        return 0
+
+    pending_images = list(args.image)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            pending_images = []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image "):
+            path = line[len("/image "):].strip()
+            try:
+                load_image(path)
+            except PixtralError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            pending_images.append(path)
+            print(f"(image attached to your next message: {path})")
+            continue
+        message = _user_message(line, pending_images)
+        pending_images = []
+        if interactive:
+            sys.stdout.write("pixtral> ")
+        try:
+            reply = _answer(model, processor, history + [message], params, sys.stdout)
+        except PixtralError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        history += [message, {"role": "assistant", "content": reply}]

@@ -1,0 +1,106 @@
+"""Charts: a bar or line chart of 2-5 lettered values (1-9), each value printed.
+
+Templates (answers):
+  tallest   "Which bar is the tallest?" / "Which point is the highest?"   -> a letter
+  shortest  "Which bar is the shortest?" / "Which point is the lowest?"   -> a letter
+  value     "What is the value of bar C?" / "What is the value at point C?" -> 1-9
+  count     "How many bars are there?" / "How many points are there?"   -> 2-5
+"""
+
+from __future__ import annotations
+
+import random
+
+from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.draw import TEXT, Canvas, sample_size
+from pixtral.data.synth.vocab import CHART_TITLES, COLOR_NAMES, COLORS, DIGITS, GREY, INK, LETTERS, WHITE
+
+CATEGORY = "charts"
+SINGLE = ("tallest", "shortest", "value", "count")
+MULTI = (("tallest", "count"), ("shortest", "count"), ("count", "value"), ("count", "value", "value"))
+QUESTIONS = {
+    "bar": {
+        "tallest": "Which bar is the tallest?",
+        "shortest": "Which bar is the shortest?",
+        "value": "What is the value of bar {label}?",
+        "count": "How many bars are there?",
+    },
+    "line": {
+        "tallest": "Which point is the highest?",
+        "shortest": "Which point is the lowest?",
+        "value": "What is the value at point {label}?",
+        "count": "How many points are there?",
+    },
+}
+MIN_VIEW = (176, 164)  # five bars with their values and labels fit
+MAX_RATIO = 1.6
+MAX_VALUE = max(DIGITS)
+
+
+def generate(rng: random.Random) -> Sample:
+    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO)
+    plan = choose_plan(rng, SINGLE, MULTI)
+    kind = rng.choice(("bar", "line"))
+    k = rng.randint(2, 5)
+    labels = sorted(rng.sample(LETTERS, k), key=LETTERS.index)
+    if "tallest" in plan or "shortest" in plan:
+        values = rng.sample(DIGITS, k)  # distinct: one tallest and one shortest
+    else:
+        values = [rng.choice(DIGITS) for _ in range(k)]
+    colour = rng.choice(COLOR_NAMES if kind == "bar" else tuple(c for c in COLOR_NAMES if c != "yellow"))
+    title = rng.choice(CHART_TITLES)
+
+    canvas = Canvas(width, height)
+    _draw(canvas, kind, labels, values, COLORS[colour], title)
+
+    asked = iter(rng.sample(range(k), plan.count("value")))
+    questions = QUESTIONS[kind]
+    turns = []
+    for template in plan:
+        if template == "tallest":
+            answer = labels[values.index(max(values))]
+            question = questions[template]
+        elif template == "shortest":
+            answer = labels[values.index(min(values))]
+            question = questions[template]
+        elif template == "value":
+            i = next(asked)
+            question, answer = questions[template].format(label=labels[i]), str(values[i])
+        else:
+            question, answer = questions[template], str(k)
+        turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
+    return Sample(CATEGORY, canvas.image, turns)
+
+
+def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:
+    m = 8
+    row = TEXT + 6  # height of one line of text
+    left = m + 6
+    top_axis = m + row  # the y axis starts under the title
+    plot_top = top_axis + row  # room for the value printed above the highest bar
+    base = c.h - m - row  # x axis; labels are drawn below it
+    right = c.w - m
+
+    c.text(left - 2, m + row / 2, title, fill=INK, align="left")
+    c.line([(left, top_axis), (left, base), (right, base)], fill=INK, width=2, joint="curve")
+    c.line([(left - 4, top_axis + 5), (left, top_axis), (left + 4, top_axis + 5)], fill=INK, width=2)
+
+    k = len(values)
+    slot = (right - left - 4) / k
+    xs = [left + 4 + slot * (i + 0.5) for i in range(k)]
+    ys = [base - (v / MAX_VALUE) * (base - plot_top) for v in values]
+    for x, label in zip(xs, labels):
+        c.text(x, base + row / 2 + 1, label)
+
+    if kind == "bar":
+        half = min(0.32 * slot, 24)
+        for x, y, v in zip(xs, ys, values):
+            c.rect(x - half, y, x + half, base, fill=fill)
+            c.text(x, y - row / 2, str(v))
+    else:
+        for x in xs:
+            c.line([(x, base - 3), (x, base + 3)], fill=GREY, width=2)
+        c.line(list(zip(xs, ys)), fill=fill, width=3, joint="curve")
+        for x, y, v in zip(xs, ys, values):
+            c.ellipse(x, y, 5, fill=fill)
+            c.text(x, y - row / 2 - 2, str(v), box=WHITE)

@@ -1,0 +1,88 @@
+"""Document pages: a title, 2-4 lines "Word: n" (n in 1-9), grey filler text lines.
+
+Templates (answers):
+  title  "What is the title of the document?"          -> a title word
+  after  "What number comes after the word Price?"     -> 1-9
+  which  "Which word is followed by the number 7?"     -> a field word
+"""
+
+from __future__ import annotations
+
+import random
+
+from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.draw import TEXT, TITLE, Canvas, sample_size
+from pixtral.data.synth.vocab import DIGITS, FIELDS, GREY, INK, LIGHT_GREY, TITLES
+
+CATEGORY = "documents"
+SINGLE = ("title", "after", "which")
+MULTI = (("title", "after"), ("after", "title"), ("which", "title"), ("title", "after", "after"))
+QUESTIONS = {
+    "title": "What is the title of the document?",
+    "after": "What number comes after the word {word}?",
+    "which": "Which word is followed by the number {number}?",
+}
+MIN_VIEW = (148, 196)  # the longest title and four field lines fit
+MAX_RATIO = 1.5
+PORTRAIT_BIAS = 0.2  # pages lean portrait
+FIELD_ROW = TEXT + 12  # height of one "Word: n" line
+FILLER_ROW = 12  # height of one grey filler line
+
+
+def generate(rng: random.Random) -> Sample:
+    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO, portrait_bias=PORTRAIT_BIAS)
+    plan = choose_plan(rng, SINGLE, MULTI)
+    title = rng.choice(TITLES)
+    k = rng.randint(2, 4)
+    words = rng.sample(FIELDS, k)
+    if "which" in plan:
+        numbers = rng.sample(DIGITS, k)  # distinct: each number names one word
+    else:
+        numbers = [rng.choice(DIGITS) for _ in range(k)]
+
+    canvas = Canvas(width, height)
+    _draw(canvas, rng, title, words, numbers)
+
+    asked = iter(rng.sample(range(k), plan.count("after") + plan.count("which")))
+    turns = []
+    for template in plan:
+        if template == "title":
+            question, answer = QUESTIONS[template], title
+        elif template == "after":
+            i = next(asked)
+            question, answer = QUESTIONS[template].format(word=words[i]), str(numbers[i])
+        else:
+            i = next(asked)
+            question, answer = QUESTIONS[template].format(number=numbers[i]), words[i]
+        turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
+    return Sample(CATEGORY, canvas.image, turns)
+
+
+def _draw(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: list[int]) -> None:
+    m = 10
+    c.rect(3, 3, c.w - 3, c.h - 3, outline=LIGHT_GREY, width=2)
+    title_y = m + TITLE / 2 + 2
+    if rng.random() < 0.5:
+        c.text(m, title_y, title, size=TITLE, align="left")
+    else:
+        c.text(c.w / 2, title_y, title, size=TITLE)
+    rule_y = title_y + TITLE / 2 + 4
+    c.line([(m, rule_y), (c.w - m, rule_y)], fill=INK, width=2)
+
+    # Field lines in order, with grey filler lines spread over the spare height.
+    top, bottom = rule_y + 6, c.h - m
+    spare = int((bottom - top - len(words) * FIELD_ROW) // FILLER_ROW)
+    fillers = [0] * (len(words) + 1)
+    for _ in range(max(0, spare)):
+        if rng.random() < 0.7:
+            fillers[rng.randrange(len(fillers))] += 1
+    y = top
+    indent = m + rng.choice((0, 4, 10))
+    for gap, word, number in zip(fillers, words + [None], numbers + [None]):
+        for _ in range(gap):
+            length = rng.uniform(0.35, 1.0) * (c.w - 2 * m)
+            c.rect(m, y + 3, m + length, y + 8, fill=GREY if rng.random() < 0.5 else LIGHT_GREY)
+            y += FILLER_ROW
+        if word is not None:
+            c.text(indent, y + FIELD_ROW / 2, f"{word}: {number}", align="left")
+            y += FIELD_ROW

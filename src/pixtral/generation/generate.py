@@ -1,0 +1,96 @@
+"""The simple generation loop: one conversation, a contiguous KV cache, text streamed out.
+
+The serving engine batches many requests; this loop is the plain reference it must match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pixtral.errors import ContextLengthError
+from pixtral.generation.kv_cache import KVCache
+from pixtral.generation.params import SamplingParams
+from pixtral.generation.sampling import make_generator, sample
+from pixtral.generation.stop import StopStringMatcher
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string/id) or "length"
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+
+
+def _max_new_tokens(model, prompt_len: int, params: SamplingParams) -> int:
+    limit = model.args.max_seq_len
+    if prompt_len >= limit:
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens, but the model's context length is {limit}")
+    budget = limit - prompt_len
+    if params.max_tokens is not None and params.max_tokens > budget:
+        raise ContextLengthError(
+            f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}, over the model's "
+            f"context length of {limit}"
+        )
+    return params.max_tokens or budget
+
+
+@torch.inference_mode()
+def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: SamplingParams,
+                 eos_id: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, logits) for each generated token; EOS is yielded too, then the loop ends."""
+    device = model.tok_embeddings.weight.device
+    max_new = _max_new_tokens(model, len(ids), params)
+    cache = KVCache(model.args, len(ids) + max_new, device, model.tok_embeddings.weight.dtype,
+                    initial=len(ids) + min(max_new, 256))
+    generator = make_generator(params.seed)
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {eos_id})
+    features = model.encode_images(images) if images else None
+    h = model.embed(torch.tensor(ids, device=device), features)
+    logits = model.logits(model.hidden_states(h, cache.step(len(ids)))[-1])
+    for i in range(max_new):
+        token = sample(logits.cpu(), params, generator)
+        yield token, logits
+        if token in stop_ids or i == max_new - 1:
+            return
+        h = model.embed(torch.tensor([token], device=device))
+        logits = model.logits(model.hidden_states(h, cache.step(1))[-1])
+
+
+def stream_chat(model, processor, messages: list[dict], params: SamplingParams | None = None
+                ) -> Iterator[str | Completion]:
+    """Yield text pieces as they are produced, then the finished `Completion` last."""
+    params = params or SamplingParams()
+    ids, images = processor.encode_chat(messages)
+    image_token_ids = set((processor.image_token_ids or {}).values())
+    result = Completion(prompt_tokens=len(ids), image_tokens=sum(t in image_token_ids for t in ids))
+    decoder, stops = processor.stream_decoder(), StopStringMatcher(params.stop)
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {processor.eos_id})
+    for token, _ in generate_ids(model, ids, images, params, processor.eos_id):
+        if token in stop_ids:
+            result.finish_reason = "stop"
+            break
+        result.token_ids.append(token)
+        piece = stops.push(decoder.push(token))
+        if piece:
+            result.text += piece
+            yield piece
+        if stops.stopped:
+            result.finish_reason = "stop"
+            break
+    else:
+        result.finish_reason = "length"
+    tail = stops.push(decoder.flush()) + stops.flush()
+    if tail:
+        result.text += tail
+        yield tail
+    yield result
+
+
+def chat(model, processor, messages: list[dict], params: SamplingParams | None = None) -> Completion:
+    *_, result = stream_chat(model, processor, messages, params)
+    return result

@@ -1,0 +1,74 @@
+"""How the decoder's attention sees the sequence: the model asks an `AttentionContext`.
+
+The decoder computes q/k/v for a flat run of tokens [T, heads, head_dim] and hands them to
+the context, which knows the positions, which tokens may attend to which, and where keys and
+values live (nowhere, a contiguous cache, or the engine's paged blocks). This keeps the model
+ignorant of caching and scheduling, as in vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionContext(Protocol):
+    positions: torch.Tensor  # [T] absolute position of each token, for RoPE
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> [T, Hq, D]."""
+        ...
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over [T, H, D] tensors (one sequence), grouped-query aware."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal and mask is None, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+class PackedCausal:
+    """No cache: one or more independent sequences packed back to back, each causal.
+
+    Used for a plain forward pass and for training on packed samples: tokens of one sample
+    never see another sample, and positions restart at 0 for each.
+    """
+
+    def __init__(self, seqlens: list[int], device: torch.device | str = "cpu"):
+        if not seqlens or min(seqlens) <= 0:
+            raise ValueError(f"sequence lengths must be positive, got {seqlens}")
+        self.seqlens = list(seqlens)
+        self.positions = torch.cat([torch.arange(n, device=device) for n in seqlens])
+
+    def attend(self, layer: int, q, k, v):
+        if len(self.seqlens) == 1:
+            return sdpa(q, k, v, causal=True)
+        outs = [
+            sdpa(qs, ks, vs, causal=True)
+            for qs, ks, vs in zip(q.split(self.seqlens), k.split(self.seqlens), v.split(self.seqlens))
+        ]
+        return torch.cat(outs)
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    """Non-causal attention confined to consecutive blocks (one block per image).
+
+    No mask over the whole packed sequence is ever built: runs of equal-length blocks are
+    stacked into one batched call, so many same-size images cost one kernel launch.
+    """
+    outs, start, i = [], 0, 0
+    while i < len(seqlens):
+        n, j = seqlens[i], i
+        while j < len(seqlens) and seqlens[j] == n:
+            j += 1
+        count, end = j - i, start + n * (j - i)
+        qb, kb, vb = (t[start:end].unflatten(0, (count, n)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb)  # [count, H, n, D]
+        outs.append(out.transpose(1, 2).flatten(0, 1))
+        start, i = end, j
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -1,0 +1,181 @@
+"""Load images from what users send: PIL objects, paths, file://, http(s):// and data: URIs.
+
+Every failure becomes an `ImageError` naming the image and the problem. The pixel limit is
+checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
+What may be loaded is a policy: the CLI reads local files; the server reads only data: URIs
+unless remote images are allowed, and then never from loopback or private networks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlparse
+
+from PIL import Image
+
+from pixtral.errors import ImageError
+
+# PIL's own decompression-bomb threshold: 1024 * 1024 * 1024 // 4 // 3 ≈ 89.5 megapixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 50 * 2**20
+    allow_local_files: bool = True
+    allow_remote: bool = True
+    block_private_networks: bool = False  # refuse remote hosts that resolve to loopback/private ranges
+    timeout_s: float = 10.0
+    max_redirects: int = 3
+    base_dir: Path | None = None  # relative paths resolve against this (e.g. a JSONL file's folder)
+
+
+LOCAL_POLICY = ImagePolicy()
+SERVER_POLICY = ImagePolicy(allow_local_files=False, allow_remote=False, block_private_networks=True)
+
+
+def describe(source: object) -> str:
+    """A short name for an image source, for error messages (data URIs are not echoed)."""
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size[0]}x{source.size[1]}"
+    text = str(source)
+    if text.startswith("data:"):
+        return f"data URI ({text[:30]}…)"
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def load_image(source: object, policy: ImagePolicy = LOCAL_POLICY) -> Image.Image:
+    """Return a fully decoded PIL image, or raise ImageError naming the problem."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source, describe(source), policy)
+        return source
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise ImageError(f"an image must be a URL, a path or a PIL image, got {type(source).__name__}")
+    if not source.strip():
+        raise ImageError("empty image URL")
+    scheme = urlparse(source).scheme.lower()
+    if scheme == "data":
+        data = _decode_data_uri(source, policy)
+    elif scheme in ("http", "https"):
+        data = _fetch_remote(source, policy)
+    elif scheme == "file" or scheme == "" or (len(scheme) == 1 and source[1:3] in (":\\", ":/")):
+        data = _read_local(source, policy)
+    else:
+        raise ImageError(f"unsupported image URL scheme {scheme!r} in {describe(source)} (use a path, file://, http(s):// or data:)")
+    return decode_image_bytes(data, describe(source), policy)
+
+
+def decode_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLICY) -> Image.Image:
+    if not data:
+        raise ImageError(f"{name}: empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_pixels(image, name, policy)  # header only: nothing decoded yet
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image is too large (decompression bomb protection)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+    return image
+
+
+def _check_pixels(image: Image.Image, name: str, policy: ImagePolicy) -> None:
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > policy.max_pixels:
+        raise ImageError(
+            f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+            f"{policy.max_pixels / 1e6:.1f} megapixels"
+        )
+
+
+def _decode_data_uri(uri: str, policy: ImagePolicy) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise ImageError("data URI has no ',' separating header and data")
+    if len(payload) > policy.max_bytes * 4 // 3 + 4:
+        raise ImageError(f"data URI is larger than the limit of {policy.max_bytes} bytes")
+    if ";base64" not in header.lower():
+        return unquote(payload).encode("latin-1", errors="replace")
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URI: invalid base64 data") from None
+
+
+def _read_local(source: str, policy: ImagePolicy) -> bytes:
+    if not policy.allow_local_files:
+        raise ImageError(f"local image paths are not allowed here: {describe(source)} (send the image as a data: URI)")
+    path = Path(unquote(urlparse(source).path) if source.lower().startswith("file:") else source).expanduser()
+    if not path.is_absolute() and policy.base_dir is not None:
+        path = policy.base_dir / path
+    if not path.exists():
+        raise ImageError(f"{path}: image file not found")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    size = path.stat().st_size
+    if size > policy.max_bytes:
+        raise ImageError(f"{path}: file is {size} bytes, over the limit of {policy.max_bytes}")
+    return path.read_bytes()
+
+
+def _check_host(url: str) -> None:
+    host = urlparse(url).hostname
+    if not host:
+        raise ImageError(f"{url}: no host in URL")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise ImageError(f"{url}: cannot resolve host {host!r}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
+                or addr.is_multicast or addr.is_unspecified):
+            raise ImageError(f"{url}: remote images from loopback or private addresses are not allowed ({addr})")
+
+
+def _fetch_remote(url: str, policy: ImagePolicy) -> bytes:
+    if not policy.allow_remote:
+        raise ImageError(f"remote image URLs are not allowed here: {describe(url)} (send the image as a data: URI)")
+    import httpx
+
+    current = url
+    for _ in range(policy.max_redirects + 1):
+        if policy.block_private_networks:
+            _check_host(current)
+        try:
+            with httpx.stream("GET", current, timeout=policy.timeout_s, follow_redirects=False) as response:
+                if response.is_redirect:
+                    current = urljoin(current, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise ImageError(f"{url}: HTTP {response.status_code}")
+                chunks, total = [], 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > policy.max_bytes:
+                        raise ImageError(f"{url}: image is larger than the limit of {policy.max_bytes} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.TimeoutException:
+            raise ImageError(f"{url}: timed out after {policy.timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise ImageError(f"{url}: download failed ({exc})") from None
+    raise ImageError(f"{url}: more than {policy.max_redirects} redirects")

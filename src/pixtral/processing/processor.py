@@ -1,0 +1,209 @@
+"""Chat messages (OpenAI format) -> token ids and image tensors, exactly as mistral-common does.
+
+The tokenizer, prompt format and image preprocessing are mistral-common's own: this module
+turns OpenAI-style messages into its request objects (loading images under an `ImagePolicy`)
+and returns what `encode_chat_completion` produces as torch tensors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image
+
+from pixtral.errors import ConfigError, ImageError, RequestError
+from pixtral.processing.images import LOCAL_POLICY, ImagePolicy, load_image
+
+
+class Processor:
+    def __init__(self, tokenizer: MistralTokenizer, image_policy: ImagePolicy = LOCAL_POLICY):
+        self.tokenizer = tokenizer
+        self.image_policy = image_policy
+        self._text = tokenizer.instruct_tokenizer.tokenizer
+        self._image_encoder = getattr(tokenizer.instruct_tokenizer, "image_encoder", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_file(cls, path: str | Path, image_policy: ImagePolicy = LOCAL_POLICY) -> "Processor":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: tokenizer file not found")
+        try:
+            tokenizer = MistralTokenizer.from_file(str(path))
+        except (ValueError, KeyError, AssertionError, json.JSONDecodeError, MistralCommonException) as exc:
+            raise ConfigError(f"{path}: not a valid mistral-common tokenizer ({exc})") from None
+        return cls(tokenizer, image_policy)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def bos_id(self) -> int:
+        return self._text.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._text.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._text.n_words
+
+    @property
+    def image_token_ids(self) -> dict[str, int] | None:
+        if self._image_encoder is None:
+            return None
+        ids = self._image_encoder.special_ids
+        return {"img": ids.img, "img_break": ids.img_break, "img_end": ids.img_end}
+
+    # ------------------------------------------------------------------ encoding
+    def encode_chat(self, messages: list[dict[str, Any]], policy: ImagePolicy | None = None
+                    ) -> tuple[list[int], list[torch.Tensor]]:
+        """OpenAI-format messages -> (token ids ending with [/INST], image tensors [3, H, W])."""
+        request = self.to_request(messages, policy)
+        try:
+            tokenized = self.tokenizer.encode_chat_completion(request)
+        except (MistralCommonException, ValueError, AssertionError) as exc:
+            raise RequestError(f"invalid conversation: {exc}") from None
+        return tokenized.tokens, [torch.from_numpy(img) for img in tokenized.images]
+
+    def to_request(self, messages: list[dict[str, Any]], policy: ImagePolicy | None = None) -> ChatCompletionRequest:
+        policy = policy or self.image_policy
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list")
+        converted = [self._convert_message(i, m, policy) for i, m in enumerate(messages)]
+        if not isinstance(converted[-1], UserMessage):
+            raise RequestError("the last message must be from the user (the model answers it)")
+        if not any(isinstance(m, UserMessage) for m in converted):
+            raise RequestError("the conversation has no user message")
+        try:
+            return ChatCompletionRequest(messages=converted)
+        except (MistralCommonException, ValueError) as exc:
+            raise RequestError(f"invalid conversation: {exc}") from None
+
+    def _convert_message(self, index: int, message: Any, policy: ImagePolicy):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where}: a message must be an object with 'role' and 'content'")
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            return SystemMessage(content=self._text_only(content, where))
+        if role == "assistant":
+            if message.get("tool_calls"):
+                raise RequestError(f"{where}: tool calls are not supported")
+            return AssistantMessage(content=self._text_only(content, where))
+        if role == "user":
+            return UserMessage(content=self._user_content(content, where, policy))
+        raise RequestError(f"{where}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+
+    @staticmethod
+    def _text_only(content: Any, where: str) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"{where}.content[{j}]: only text parts are allowed in this message")
+                texts.append(part["text"])
+            return "\n\n".join(texts)  # mistral-common joins adjacent text chunks the same way
+        raise RequestError(f"{where}: 'content' must be a string or a list of parts")
+
+    def _user_content(self, content: Any, where: str, policy: ImagePolicy):
+        if isinstance(content, str):
+            if not content:
+                raise RequestError(f"{where}: empty message")
+            return content
+        if not isinstance(content, list) or not content:
+            raise RequestError(f"{where}: 'content' must be a non-empty string or list of parts")
+        chunks = []
+        for j, part in enumerate(content):
+            here = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise RequestError(f"{here}: a content part must be an object with a 'type'")
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(f"{here}: text part needs a string 'text'")
+                chunks.append(TextChunk(text=part["text"]))
+            elif kind in ("image_url", "image"):
+                chunks.append(ImageChunk(image=self._load_part_image(part, here, policy)))
+            else:
+                raise RequestError(f"{here}: unsupported content part type {kind!r} (use 'text' or 'image_url')")
+        if any(isinstance(c, ImageChunk) for c in chunks) and self._image_encoder is None:
+            raise RequestError(f"{where}: this model's tokenizer has no image support")
+        return chunks
+
+    @staticmethod
+    def _load_part_image(part: dict, here: str, policy: ImagePolicy) -> Image.Image:
+        ref = part.get("image_url", part.get("image"))
+        if isinstance(ref, dict):
+            ref = ref.get("url")
+        if ref is None:
+            raise RequestError(f"{here}: image part needs 'image_url': {{'url': ...}}")
+        try:
+            return load_image(ref, policy)
+        except ImageError as exc:
+            raise ImageError(f"{here}: {exc}") from None
+
+    def encode_document(self, parts: list[dict[str, Any]], policy: ImagePolicy | None = None
+                        ) -> tuple[list[int], list[torch.Tensor], list[bool]]:
+        """An interleaved document (pre-training / base-model prompt): BOS, then text and image blocks.
+
+        Returns ids, images and a mask that is True on text tokens (what a loss may train on).
+        """
+        policy = policy or self.image_policy
+        ids, images, is_text = [self.bos_id], [], [False]
+        for j, part in enumerate(parts):
+            here = f"content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                toks = self._text.encode(part.get("text", ""), bos=False, eos=False)
+                ids += toks
+                is_text += [True] * len(toks)
+            elif kind in ("image_url", "image"):
+                if self._image_encoder is None:
+                    raise RequestError(f"{here}: this tokenizer has no image support")
+                enc = self._image_encoder(ImageChunk(image=self._load_part_image(part, here, policy)))
+                ids += enc.tokens
+                is_text += [False] * len(enc.tokens)
+                images.append(torch.from_numpy(enc.image))
+            else:
+                raise RequestError(f"{here}: unsupported content part type {kind!r}")
+        return ids, images, is_text
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._text.encode(text, bos=False, eos=False)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, ids: list[int]) -> str:
+        return self._text.decode(list(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._text.id_to_byte_piece(token_id, special_token_policy=SpecialTokenPolicy.IGNORE)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns tokens into text as they arrive; bytes of an unfinished UTF-8 character wait for the next token."""
+
+    def __init__(self, processor: Processor):
+        self._processor = processor
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._processor.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
