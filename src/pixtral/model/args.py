@@ -32,10 +32,6 @@ class VisionArgs:
     add_pre_mm_projector_layer_norm: bool = False
     mm_projector_id: str = ""
     norm_eps: float = 1e-5  # hard-coded in the reference, not stored in params.json
-    # Token ids for the row break / image end markers. The model itself never needs them
-    # (they are ordinary embeddings); they travel with the config for tokenizer-less tools.
-    image_break_token_id: int = 12
-    image_end_token_id: int = 13
 
     @property
     def head_dim(self) -> int:
@@ -140,7 +136,8 @@ class ModelArgs:
             if not isinstance(venc, dict):
                 raise ConfigError(f"{source}: 'vision_encoder' must be an object")
             known = {f.name for f in dataclasses.fields(VisionArgs)}
-            ignored = {"max_image_size"}  # the tokenizer's business, not the model's
+            # The tokenizer's business, not the model's: [IMG_BREAK]/[IMG_END] are ordinary embeddings.
+            ignored = {"max_image_size", "image_break_token_id", "image_end_token_id"}
             unknown = set(venc) - known - ignored
             if unknown:
                 raise ConfigError(f"{source}: unknown key(s) in 'vision_encoder': {sorted(unknown)}")
@@ -243,7 +240,7 @@ class ModelArgs:
             "projector_hidden_act": "gelu", "multimodal_projector_bias": v.adapter_bias,
             "vision_feature_layer": -1, "tie_word_embeddings": False,
         }
-        if v.uses_patch_merger or not v.adapter_bias:
+        if v.uses_patch_merger or v.add_pre_mm_projector_layer_norm:
             return {
                 **common, "model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"],
                 "spatial_merge_size": v.spatial_merge_size,
@@ -312,7 +309,7 @@ def _pixtral_large() -> ModelArgs:
         vocab_size=32768, rope_theta=1e9,
         vision=VisionArgs(
             hidden_size=1408, num_hidden_layers=40, num_attention_heads=16, intermediate_size=6144,
-            adapter_bias=False, image_break_token_id=14, image_end_token_id=15,
+            adapter_bias=False,
         ),
     )
 

@@ -12,7 +12,9 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +88,13 @@ def decode_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLIC
             image.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image is too large (decompression bomb protection)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses before we see the size; its message carries the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.1f} megapixels, " if found else ""
+        raise ImageError(
+            f"{name}: image is too large ({size}over the limit of {policy.max_pixels / 1e6:.1f} megapixels)"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -156,6 +163,7 @@ def _fetch_remote(url: str, policy: ImagePolicy) -> bytes:
         raise ImageError(f"remote image URLs are not allowed here: {describe(url)} (send the image as a data: URI)")
     import httpx
 
+    deadline = time.monotonic() + policy.timeout_s  # for the whole download, not per read
     current = url
     for _ in range(policy.max_redirects + 1):
         if policy.block_private_networks:
@@ -169,6 +177,8 @@ def _fetch_remote(url: str, policy: ImagePolicy) -> bytes:
                     raise ImageError(f"{url}: HTTP {response.status_code}")
                 chunks, total = [], 0
                 for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise ImageError(f"{url}: download took longer than {policy.timeout_s:g} s")
                     total += len(chunk)
                     if total > policy.max_bytes:
                         raise ImageError(f"{url}: image is larger than the limit of {policy.max_bytes} bytes")
