@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from PIL import Image
 
@@ -37,8 +38,26 @@ def choose_plan(rng: random.Random, single: tuple[str, ...], multi: tuple[tuple[
 
     Each category lists only combinations whose answers are independent of one another,
     so earlier turns in the history never give away a later answer (a model shown a
-    blank image must not beat guessing).
+    blank image must not beat guessing). Single-turn templates are weighted so that,
+    counting the multi-turn ones, templates come up about equally often.
     """
     if multi and rng.random() < MULTI_TURN_RATE:
         return rng.choice(multi)
-    return (rng.choice(single),)
+    return (rng.choices(single, weights=_single_weights(single, multi))[0],)
+
+
+@lru_cache(maxsize=None)
+def _single_weights(single: tuple[str, ...], multi: tuple[tuple[str, ...], ...]) -> tuple[float, ...]:
+    rate = MULTI_TURN_RATE if multi else 0.0
+    # Expected uses per conversation of each template in multi-turn conversations.
+    used = {t: rate * sum(plan.count(t) for plan in multi) / max(1, len(multi)) for t in single}
+    active = list(single)  # a list, not a set: the float sums must not depend on hash order
+    while True:  # equalise (1 - rate) * p_t + used_t, dropping templates already over the level
+        level = ((1 - rate) + sum(used[t] for t in active)) / len(active)
+        over = [t for t in active if used[t] > level]
+        if not over:
+            break
+        active = [t for t in active if t not in over]
+    balanced = [max(0.0, level - used[t]) if t in active else 0.0 for t in single]
+    # Mix in some uniform weight so every template is also asked on its own.
+    return tuple(0.8 * b / sum(balanced) + 0.2 / len(single) for b in balanced)

@@ -168,6 +168,22 @@ class Canvas:
         else:
             raise ValueError(f"unknown shape {kind!r}")
 
+    @staticmethod
+    def shape_extent(kind: str, r: float, angle: float) -> float:
+        """Distance from the centre of `shape(kind, ..., r)` to its edge in direction
+        `angle` (radians, y down). Stars count as their convex hull."""
+        if kind == "circle":
+            return r
+        if kind == "square":
+            return 0.88 * r / max(abs(math.cos(angle)), abs(math.sin(angle)))
+        if kind == "triangle":
+            apothem, normals = 0.625 * r, (-math.pi / 6, math.pi / 2, 7 * math.pi / 6)
+        elif kind == "star":
+            apothem, normals = 1.2 * r * math.cos(math.pi / 5), [-0.3 * math.pi + k * 0.4 * math.pi for k in range(5)]
+        else:
+            raise ValueError(f"unknown shape {kind!r}")
+        return apothem / max(math.cos(angle - n) for n in normals)
+
     def arrow(self, start: Point, end: Point, fill=INK, width: float = 3, head: float = 11) -> None:
         """A straight arrow from `start` to `end` (the tip)."""
         (x0, y0), (x1, y1) = start, end

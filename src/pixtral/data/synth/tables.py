@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan
-from pixtral.data.synth.draw import TEXT, Canvas, sample_size
+from pixtral.data.synth.draw import Canvas, sample_size
 from pixtral.data.synth.vocab import DIGITS, INK, ITEMS, LETTERS
 
 CATEGORY = "tables"

@@ -16,8 +16,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 128, 0),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
-# Fills on which a label reads better in black than in white.
-LIGHT_COLORS = frozenset({"yellow", "orange"})
 
 WHITE = (255, 255, 255)
 INK = (0, 0, 0)

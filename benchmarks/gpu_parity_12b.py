@@ -1,0 +1,110 @@
+"""GPU check: Pixtral-12B shape, random bf16 weights, ours vs Hugging Face transformers.
+
+Builds our model with random weights on the GPU, copies them (q/k permuted) into transformers'
+LlavaForConditionalGeneration, and compares logits and greedy continuations for a text-only
+prompt and a prompt with two images. Needs ~55 GB of GPU memory (two copies of 12.4B bf16).
+
+    python benchmarks/gpu_parity_12b.py [--preset pixtral-12b-2409] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pixtral.checkpoint.layout import HF_CURRENT_TO_LEGACY, key_specs, to_hf_rows
+from pixtral.generation import SamplingParams
+from pixtral.generation.generate import generate_ids
+from pixtral.model import Pixtral, preset
+
+
+def current_hf_name(legacy: str) -> str:
+    for current, old in HF_CURRENT_TO_LEGACY:
+        if legacy.startswith(old):
+            return current + legacy[len(old):]
+    return legacy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="pixtral-12b-2409")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--device", default="cuda", help="cuda (default); cpu with a small --preset for a smoke run")
+    ap.add_argument("--image-scale", type=int, default=16, help="image sides in patches are multiples of this / 16")
+    opts = ap.parse_args()
+    import transformers
+
+    torch.manual_seed(0)
+    args = preset(opts.preset)
+    with torch.device(opts.device):
+        ours = Pixtral(args).to(torch.bfloat16).eval()
+        for name, p in ours.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.8, 1.2)
+                else:
+                    p.normal_(0.0, 0.02)
+    hf_config = transformers.AutoConfig.for_model(**args.to_hf_config())
+    with torch.device(opts.device):
+        hf = transformers.LlavaForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16).eval()
+    params = dict(ours.named_parameters())
+    state = {}
+    for spec in key_specs(args):
+        t = params[spec.mistral].detach()
+        state[current_hf_name(spec.hf)] = to_hf_rows(t, spec.permute_heads, spec.head_dim) if spec.permute_heads else t
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+
+    results = {"preset": opts.preset, "device": torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu", "torch": torch.__version__,
+               "transformers": transformers.__version__}
+    g = torch.Generator().manual_seed(1)
+    s = opts.image_scale
+    images = [torch.randn(3, 32 * s, 48 * s, generator=g), torch.randn(3, 16 * s, 16 * s, generator=g)]
+    for case, imgs in (("text", []), ("two_images", images)):
+        ids = [1, 3]
+        for img in imgs:
+            h, w = img.shape[1] // 16, img.shape[2] // 16
+            block = ([10] * w + [12]) * h
+            block[-1] = 13
+            ids += block
+        ids += list(range(5000, 5024)) + [4]
+        ids_t = torch.tensor(ids, device=opts.device)
+        with torch.no_grad():
+            t0 = time.time()
+            ours_logits = ours(ids_t, [i.to(opts.device) for i in imgs])
+            torch.cuda.synchronize() if opts.device.startswith("cuda") else None
+            t_ours = time.time() - t0
+            kw = {}
+            if imgs:
+                H = max(i.shape[1] for i in imgs)
+                W = max(i.shape[2] for i in imgs)
+                pv = torch.zeros(len(imgs), 3, H, W)
+                for k, im in enumerate(imgs):
+                    pv[k, :, : im.shape[1], : im.shape[2]] = im
+                kw = {"pixel_values": pv.to(opts.device).bfloat16(),
+                      "image_sizes": torch.tensor([[i.shape[1], i.shape[2]] for i in imgs], device=opts.device)}
+            hf_logits = hf(input_ids=ids_t[None], **kw).logits[0].float()
+            hf_gen = hf.generate(input_ids=ids_t[None], max_new_tokens=opts.new_tokens, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), device=opts.device, dtype=torch.long), **kw)
+        hf_tokens = hf_gen[0, len(ids):].tolist()
+        our_tokens = [t for t, _ in generate_ids(ours, ids, [i.to(opts.device) for i in imgs],
+                                                 SamplingParams(temperature=0, max_tokens=opts.new_tokens, ignore_eos=True), 2)]
+        agree = next((k for k, (a, b) in enumerate(zip(our_tokens, hf_tokens)) if a != b), len(hf_tokens))
+        results[case] = {
+            "tokens": len(ids), "max_abs_logit_diff": (ours_logits - hf_logits).abs().max().item(),
+            "max_abs_logit": hf_logits.abs().max().item(),
+            "argmax_agreement": (ours_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item(),
+            "greedy_tokens_identical_prefix": agree, "greedy_tokens": opts.new_tokens, "ours_forward_s": t_ours,
+        }
+        print(case, json.dumps(results[case]))
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Split and write a synthetic data set: DIR/images/*.png, DIR/{train,val,test}.jsonl, DIR/manifest.json.
+
+Every file is written to a temporary name and renamed into place, the JSONL files only
+after all their images exist and the manifest last: an interrupted run leaves no JSONL
+file or manifest that looks complete. Output depends only on (seed, n, fractions,
+categories), not on the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pixtral.data.synth.base import Turn
+from pixtral.data.synth.draw import MAX_SIDE, MIN_SIDE, VIEW
+from pixtral.data.synth.generate import CATEGORIES, GENERATOR_VERSION, generate_sample
+from pixtral.errors import PixtralError
+
+SPLITS = ("train", "val", "test")
+IMAGE_DIR = "images"
+MANIFEST = "manifest.json"
+MAX_N = 10_000_000
+MAX_WORKERS = 64
+_OUR_IMAGE = re.compile(r"^\d{6,}\.png$")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: Path
+    n: int
+    seed: int = 0
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    categories: tuple[str, ...] = CATEGORIES
+    workers: int = 1
+    overwrite: bool = False
+    compress_level: int = 1  # PNG zlib level: 1 is fast, files are mostly white anyway
+
+
+def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
+    """Conversations per split: val and test get round(n * frac) (halves round up), train the rest."""
+    val = math.floor(n * val_frac + 0.5)
+    test = math.floor(n * test_frac + 0.5)
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def conversation(record_id: str, category: str, turns: list[Turn], image_url: str) -> dict:
+    """A JSONL record in the chat format; only the first user message carries the image.
+
+    `templates` (one per turn, e.g. "charts.tallest") is extra to the chat format, for
+    per-template evaluation.
+    """
+    messages: list[dict] = []
+    for i, turn in enumerate(turns):
+        if i == 0:
+            content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": turn.question}]
+        else:
+            content = turn.question
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": turn.answer})
+    return {
+        "id": record_id,
+        "category": category,
+        "messages": messages,
+        "templates": [turn.template for turn in turns],
+    }
+
+
+def check_config(config: SynthConfig) -> None:
+    """Raise PixtralError naming the option at fault."""
+    n = config.n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise PixtralError(f"--n must be an integer from 1 to {MAX_N:,} (the total number of conversations), got {n!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+        raise PixtralError(f"--seed must be an integer, got {config.seed!r}")
+    for name, frac in (("--val-frac", config.val_frac), ("--test-frac", config.test_frac)):
+        if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+            raise PixtralError(f"{name} must be a fraction in [0, 1), got {frac!r}")
+    if config.val_frac + config.test_frac >= 1.0:
+        raise PixtralError(f"--val-frac + --test-frac must be below 1 to leave a training split, "
+                           f"got {config.val_frac} + {config.test_frac}")
+    if not config.categories:
+        raise PixtralError(f"--categories must name at least one of: {', '.join(CATEGORIES)}")
+    unknown = [c for c in config.categories if c not in CATEGORIES]
+    if unknown:
+        raise PixtralError(f"--categories: unknown category {unknown[0]!r}; choose from {', '.join(CATEGORIES)}")
+    if len(set(config.categories)) != len(config.categories):
+        raise PixtralError(f"--categories lists a category twice: {','.join(config.categories)}")
+    if not isinstance(config.workers, int) or not 1 <= config.workers <= MAX_WORKERS:
+        raise PixtralError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {config.workers!r}")
+    if not 0 <= config.compress_level <= 9:
+        raise PixtralError(f"PNG compress_level must be 0..9, got {config.compress_level!r}")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """Create `out` (and out/images); clear a previous synth output there if allowed."""
+    if out.exists() and not out.is_dir():
+        raise PixtralError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PixtralError(f"--out {out}: cannot create the output directory ({exc.strerror or exc})") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PixtralError(f"--out {out}: the directory is not writable")
+    images = out / IMAGE_DIR
+    if any(out.iterdir()):
+        if not overwrite:
+            raise PixtralError(f"--out {out} is not empty; pass --overwrite to replace a previous "
+                               f"`pixtral data synth` output there, or choose an empty directory")
+        # Manifest first: from here on the directory no longer looks complete.
+        for name in (MANIFEST, *(f"{s}.jsonl" for s in SPLITS)):
+            (out / name).unlink(missing_ok=True)
+        for path in out.glob(".*.tmp"):
+            path.unlink()
+        if images.is_dir():
+            for path in images.iterdir():
+                if _OUR_IMAGE.match(path.name) or (path.name.startswith(".") and path.name.endswith(".tmp")):
+                    path.unlink()
+    try:
+        images.mkdir(exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PixtralError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
+    return images
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _make(job: tuple[int, int, str, str, int]) -> tuple[list[Turn], str]:
+    """Generate one sample and write its image atomically; runs in worker processes."""
+    seed, index, category, image_path, compress_level = job
+    sample = generate_sample(seed, index, category)
+    buf = io.BytesIO()
+    sample.image.save(buf, format="PNG", compress_level=compress_level)
+    _write_atomic(Path(image_path), buf.getvalue())
+    return sample.turns, sample.category
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _jobs(config: SynthConfig, images: Path, counts: dict[str, int]) -> Iterator[tuple]:
+    digits = max(6, len(str(config.n - 1)))
+    index = 0
+    for split in SPLITS:
+        for j in range(counts[split]):
+            category = config.categories[j % len(config.categories)]
+            yield split, j, index, (config.seed, index, category, str(images / f"{index:0{digits}d}.png"),
+                                    config.compress_level)
+            index += 1
+
+
+def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
+    """Write the data set described by `config`; return the manifest written.
+
+    Raises PixtralError for a bad option or an output directory that cannot be used.
+    """
+    check_config(config)
+    out = Path(config.out)
+    images = _prepare_out(out, config.overwrite)
+    counts = split_counts(config.n, config.val_frac, config.test_frac)
+    jobs = list(_jobs(config, images, counts))
+    per_split: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    per_template: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    turns_total = {s: 0 for s in SPLITS}
+
+    tmp_paths = {s: out / f".{s}.jsonl.tmp" for s in SPLITS}
+    files = {s: open(tmp_paths[s], "w", encoding="utf-8", newline="\n") for s in SPLITS}
+    pool = None
+    try:
+        payloads = [job[3] for job in jobs]
+        if config.workers > 1 and len(jobs) > 1:
+            pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)), initializer=_ignore_sigint)
+            results = pool.imap(_make, payloads, chunksize=8)
+        else:
+            results = map(_make, payloads)
+        bar = _progress(config.n, out, progress)
+        for (split, j, index, payload), (turns, category) in zip(jobs, results):
+            url = f"{IMAGE_DIR}/{Path(payload[3]).name}"
+            record = conversation(f"{split}-{j}", category, turns, url)
+            files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+            per_split[split][category] += 1
+            per_template[split].update(t.template for t in turns)
+            turns_total[split] += len(turns)
+            bar.update(1)
+        bar.close()
+        for s in SPLITS:
+            files[s].close()
+        for s in SPLITS:
+            os.replace(tmp_paths[s], out / f"{s}.jsonl")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            pool = None
+        for s in SPLITS:
+            files[s].close()
+            tmp_paths[s].unlink(missing_ok=True)
+        for tmp in images.glob(".*.tmp"):  # an image cut off while being written
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    manifest = {
+        "generator": "pixtral.data.synth",
+        "version": GENERATOR_VERSION,
+        "seed": config.seed,
+        "n": config.n,
+        "categories": list(config.categories),
+        "fractions": {"val": config.val_frac, "test": config.test_frac},
+        "image_dir": IMAGE_DIR,
+        "image_sides": [MIN_SIDE, MAX_SIDE],
+        "view_longest_side": VIEW,
+        "splits": {
+            s: {
+                "file": f"{s}.jsonl",
+                "count": counts[s],
+                "turns": turns_total[s],
+                "categories": {c: per_split[s][c] for c in config.categories},
+                "templates": dict(sorted(per_template[s].items())),
+            }
+            for s in SPLITS
+        },
+    }
+    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _progress(total: int, out: Path, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"writing {out}", unit="conv", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,280 @@
+"""Tests for `pixtral data synth` (src/pixtral/data/synth, src/pixtral/cli/data.py). CPU, a few seconds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageChops
+
+from pixtral.cli.main import main
+from pixtral.data.synth import CATEGORIES, SynthConfig, generate_sample, split_counts, write_dataset
+from pixtral.data.synth import writer
+from pixtral.data.synth.draw import MAX_SIDE, MIN_SIDE, TEXT, VIEW, Canvas, font
+from pixtral.data.synth.vocab import COLOR_NAMES, FIELDS, ITEMS, LETTERS, SHAPES, TITLES
+from pixtral.errors import PixtralError
+
+SPLITS = ("train", "val", "test")
+
+
+def _write(out: Path, n: int, seed: int, **kw) -> dict:
+    return write_dataset(SynthConfig(out=out, n=n, seed=seed, **kw), progress=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    return out, _write(out, n=60, seed=3)
+
+
+# -- determinism -------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path, dataset):
+    out, _ = dataset
+    again = tmp_path / "again"
+    _write(again, n=60, seed=3)
+    assert _files(again) == _files(out)
+
+    other = tmp_path / "other"
+    _write(other, n=60, seed=4)
+    a, b = _files(out), _files(other)
+    assert a["train.jsonl"] != b["train.jsonl"]
+    assert sum(a[k] != b.get(k) for k in a if k.startswith("images/")) > 50
+
+
+def test_worker_processes_do_not_change_output(tmp_path):
+    _write(tmp_path / "one", n=12, seed=5, workers=1)
+    _write(tmp_path / "two", n=12, seed=5, workers=2)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_generate_sample_is_deterministic():
+    for category in CATEGORIES:
+        a, b = generate_sample(11, 2, category), generate_sample(11, 2, category)
+        assert a.turns == b.turns and a.category == b.category == category
+        assert a.image.tobytes() == b.image.tobytes()
+
+
+def test_font_is_scalable_builtin_and_renders_identically():
+    assert font(30).getname()[0]  # a FreeType font from Pillow, no file needed
+    renders = []
+    for _ in range(2):
+        c = Canvas(300, 120)
+        c.text(150, 60, "Floor: 7 ABC")
+        renders.append(c.image.tobytes())
+    assert renders[0] == renders[1]
+
+
+# -- files and lines ---------------------------------------------------------------------
+
+
+def test_lines_parse_and_reference_matching_images(dataset):
+    out, manifest = dataset
+    seen_categories = set()
+    for split in SPLITS:
+        records = _lines(out / f"{split}.jsonl")
+        assert len(records) == manifest["splits"][split]["count"]
+        for j, rec in enumerate(records):
+            assert rec["id"] == f"{split}-{j}"
+            assert rec["category"] in CATEGORIES
+            seen_categories.add(rec["category"])
+            msgs = rec["messages"]
+            assert 2 <= len(msgs) <= 6 and len(msgs) % 2 == 0
+            assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+            first = msgs[0]["content"]
+            assert [part["type"] for part in first] == ["image_url", "text"]
+            url = first[0]["image_url"]["url"]
+            assert re.fullmatch(r"images/\d{6}\.png", url)
+            assert all(isinstance(m["content"], str) for m in msgs[1:])  # only the first user turn has the image
+            assert len(rec["templates"]) == len(msgs) // 2
+            assert all(t.startswith(rec["category"] + ".") for t in rec["templates"])
+            for answer in (m["content"] for m in msgs[1::2]):
+                assert answer and re.fullmatch(r"[A-Za-z]+|\d+", answer) and len(answer) <= 8
+            with Image.open(out / url) as im:
+                assert im.format == "PNG" and im.mode == "RGB"
+                assert all(MIN_SIDE <= side <= MAX_SIDE for side in im.size)
+    assert seen_categories == set(CATEGORIES)
+
+
+def test_image_file_is_the_sample_of_its_category(dataset):
+    out, manifest = dataset
+    rec = _lines(out / "val.jsonl")[1]
+    url = rec["messages"][0]["content"][0]["image_url"]["url"]
+    index = int(Path(url).stem)
+    sample = generate_sample(manifest["seed"], index, rec["category"])
+    with Image.open(out / url) as im:
+        assert ImageChops.difference(im.convert("RGB"), sample.image).getbbox() is None
+    assert [t.answer for t in sample.turns] == [m["content"] for m in rec["messages"][1::2]]
+
+
+def test_split_counts_and_manifest(dataset, tmp_path):
+    out, manifest = dataset
+    assert split_counts(60, 0.05, 0.05) == {"train": 54, "val": 3, "test": 3}
+    assert split_counts(20000, 0.05, 0.05) == {"train": 18000, "val": 1000, "test": 1000}
+    assert split_counts(10, 0.0, 0.2) == {"train": 8, "val": 0, "test": 2}
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["seed"] == 3 and manifest["n"] == 60 and manifest["version"]
+    assert sum(s["count"] for s in manifest["splits"].values()) == 60
+    train = manifest["splits"]["train"]["categories"]
+    assert set(train) == set(CATEGORIES) and max(train.values()) - min(train.values()) <= 1
+    images = sorted((out / "images").iterdir())
+    assert len(images) == 60 and not list(out.glob(".*"))
+
+    custom = tmp_path / "custom"
+    _write(custom, n=20, seed=0, val_frac=0.25, test_frac=0.0, categories=("charts", "misc"))
+    counts = {s: len(_lines(custom / f"{s}.jsonl")) for s in SPLITS}
+    assert counts == {"train": 15, "val": 5, "test": 0}
+    cats = {r["category"] for s in SPLITS for r in _lines(custom / f"{s}.jsonl")}
+    assert cats == {"charts", "misc"}
+
+
+# -- the questions -----------------------------------------------------------------------
+
+ANSWER_SETS = {
+    "charts.tallest": set(LETTERS), "charts.shortest": set(LETTERS),
+    "charts.value": {str(v) for v in range(1, 10)}, "charts.count": {"2", "3", "4", "5"},
+    "tables.cell": {str(v) for v in range(1, 10)}, "tables.largest": set(ITEMS), "tables.rows": {"2", "3", "4"},
+    "documents.title": set(TITLES), "documents.after": {str(v) for v in range(1, 10)},
+    "documents.which": set(FIELDS),
+    "diagrams.count": {"1", "2", "3"}, "diagrams.colour": set(COLOR_NAMES), "diagrams.shape": set(SHAPES),
+    "diagrams.arrow": set(LETTERS),
+    "misc.count": {"1", "2", "3", "4", "5"}, "misc.colour": set(COLOR_NAMES), "misc.colour_count": {"1", "2", "3", "4"},
+}
+
+
+@pytest.fixture(scope="module")
+def many_turns():
+    turns, lengths = [], Counter()
+    for i in range(1500):
+        sample = generate_sample(21, i)
+        turns += sample.turns
+        lengths[len(sample.turns)] += 1
+    return turns, lengths
+
+
+def test_answers_come_from_closed_balanced_sets(many_turns):
+    turns, lengths = many_turns
+    by_template: dict[str, Counter] = defaultdict(Counter)
+    for turn in turns:
+        by_template[turn.template][turn.answer] += 1
+    assert set(by_template) == set(ANSWER_SETS)  # every template is used
+    for template, answers in by_template.items():
+        assert set(answers) <= ANSWER_SETS[template], template
+        total = sum(answers.values())
+        top_share = answers.most_common(1)[0][1] / total
+        assert total >= 30 and top_share <= 0.4, (template, answers)
+        assert len(answers) >= min(3, len(ANSWER_SETS[template])), (template, answers)
+    # Some conversations have two or three turns, most one.
+    assert set(lengths) == {1, 2, 3} and lengths[1] > lengths[2] + lengths[3] > 0.2 * sum(lengths.values())
+
+
+def test_questions_are_distinct_within_a_conversation():
+    for i in range(300):
+        sample = generate_sample(2, i)
+        questions = [t.question for t in sample.turns]
+        assert len(set(questions)) == len(questions)
+        assert all(q.endswith("?") for q in questions)
+
+
+def test_text_is_large_enough_after_downscale():
+    # Every image is drawn in view units: after the model's downscale to VIEW px, capital
+    # letters are about 15 px tall whatever the image's pixel size.
+    for size in ((700, 500), (200, 180)):
+        c = Canvas(*size)
+        c.text(c.w / 2, c.h / 2, "H", size=TEXT)
+        box = ImageChops.invert(c.image.convert("L")).point(lambda v: 255 if v > 128 else 0).getbbox()
+        cap_view_px = (box[3] - box[1]) / c.scale
+        assert cap_view_px >= 14, (size, cap_view_px)
+        assert max(c.w, c.h) <= VIEW
+
+
+# -- CLI and errors ----------------------------------------------------------------------
+
+
+def test_cli_writes_dataset(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["data", "synth", "--out", str(out), "--n", "10", "--seed", "1", "--categories", "table,docs", "--quiet"])
+    assert rc == 0
+    assert "wrote 10 conversations" in capsys.readouterr().out
+    records = [r for s in SPLITS for r in _lines(out / f"{s}.jsonl")]
+    assert len(records) == 10 and {r["category"] for r in records} == {"tables", "documents"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "0"], "--n must be an integer from 1"),
+        (["--n", "abc"], "--n must be a positive integer"),
+        (["--n", "5", "--seed", "x"], "--seed must be an integer"),
+        (["--n", "5", "--val-frac", "1.5"], "--val-frac must be a fraction"),
+        (["--n", "5", "--val-frac", "0.6", "--test-frac", "0.5"], "--val-frac + --test-frac"),
+        (["--n", "5", "--categories", "charts,photos"], "unknown category 'photos'"),
+        (["--n", "5", "--workers", "0"], "--workers must be"),
+    ],
+)
+def test_cli_rejects_bad_options(tmp_path, capsys, args, message):
+    rc = main(["data", "synth", "--out", str(tmp_path / "x"), "--quiet", *args])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    assert main(["data", "synth", "--out", str(blocker / "sub"), "--n", "3", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'sub'}" in err and "cannot create" in err
+    assert main(["data", "synth", "--out", str(blocker), "--n", "3", "--quiet"]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_non_empty_out_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "ds"
+    _write(out, n=12, seed=0)
+    assert main(["data", "synth", "--out", str(out), "--n", "5", "--quiet"]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    assert main(["data", "synth", "--out", str(out), "--n", "5", "--quiet", "--overwrite"]) == 0
+    assert len(list((out / "images").iterdir())) == 5  # stale images from the first run are gone
+    assert keep.read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text())["n"] == 5
+
+
+def test_interrupted_run_leaves_no_complete_looking_jsonl(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = writer._make
+
+    def failing(job):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(writer, "_make", failing)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, n=20, seed=0)
+    assert not (out / "manifest.json").exists()
+    assert not any((out / f"{s}.jsonl").exists() for s in SPLITS)
+    assert not list(out.glob(".*.tmp")) and not list((out / "images").glob(".*"))
+
+
+def test_api_validates_config(tmp_path):
+    with pytest.raises(PixtralError, match="--n"):
+        write_dataset(SynthConfig(out=tmp_path / "a", n=-1), progress=False)
+    with pytest.raises(PixtralError, match="--categories"):
+        write_dataset(SynthConfig(out=tmp_path / "a", n=3, categories=()), progress=False)
