@@ -52,8 +52,16 @@ class Dataset:
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as sent on the wire: images become `image_url` parts holding base64 data URIs."""
-    return [_map_images(m, lambda img: {"type": "image_url", "image_url": {"url": img.data_uri()}}) for m in messages]
+    """Messages as sent on the wire: images become `image_url` parts holding base64 data URIs, and
+    text-only part lists become plain strings (which every OpenAI-compatible server accepts)."""
+    wire = []
+    for message in messages:
+        message = _map_images(message, lambda img: {"type": "image_url", "image_url": {"url": img.data_uri()}})
+        content = message.get("content")
+        if isinstance(content, list) and all(p.get("type") == "text" for p in content):
+            message["content"] = text_of(content)
+        wire.append(message)
+    return wire
 
 
 def loggable_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,9 +90,11 @@ def text_of(content: Any) -> str:
 
 
 def _split_of(path: Path) -> str | None:
-    prefix = path.name.split("-", 1)[0].split(".", 1)[0]
-    if prefix in KNOWN_SPLITS:
-        return prefix
+    """The split a file holds, from its name (`validation-00000-of-00002.parquet`,
+    `vq_av2-validation-00003-of-00010.arrow`) or its folder (`validation/data-00000-of-00001.arrow`)."""
+    for token in path.name.split(".", 1)[0].split("-"):
+        if token in KNOWN_SPLITS:
+            return token
     return path.parent.name if path.parent.name in KNOWN_SPLITS else None
 
 

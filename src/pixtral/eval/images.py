@@ -32,9 +32,10 @@ def _sniff_mime(data: bytes) -> str | None:
 class EncodedImage:
     """One image as encoded bytes plus its MIME type (PNG, JPEG, GIF or WebP)."""
 
-    def __init__(self, data: bytes, mime: str):
+    def __init__(self, data: bytes, mime: str, where: str = "image"):
         self.data = data
         self.mime = mime
+        self.where = where  # names the dataset file/row/field in error messages
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "image") -> EncodedImage:
@@ -42,7 +43,7 @@ class EncodedImage:
             raise ImageError(f"{where}: image is empty (0 bytes)")
         mime = _sniff_mime(data)
         if mime is not None:
-            return cls(data, mime)
+            return cls(data, mime, where)
         # Another format (BMP, TIFF, ...): re-encode losslessly as PNG so any endpoint accepts it.
         from PIL import Image
 
@@ -53,7 +54,7 @@ class EncodedImage:
                 img.save(buf, format="PNG")
         except Exception as exc:  # PIL raises many types for bad data
             raise ImageError(f"{where}: not a readable image ({exc})") from exc
-        return cls(buf.getvalue(), "image/png")
+        return cls(buf.getvalue(), "image/png", where)
 
     @classmethod
     def from_file(cls, path: Path, where: str | None = None) -> EncodedImage:
@@ -86,7 +87,7 @@ class EncodedImage:
             with Image.open(io.BytesIO(self.data)) as img:
                 return img.size
         except Exception as exc:
-            raise ImageError(f"image ({self.mime}, {len(self.data)} bytes) is not readable ({exc})") from exc
+            raise ImageError(f"{self.where}: {self.mime} image of {len(self.data)} bytes is not readable ({exc})") from exc
 
     @cached_property
     def sha256(self) -> str:
@@ -106,7 +107,7 @@ class EncodedImage:
 
         buf = io.BytesIO()
         Image.new("RGB", self.size, (255, 255, 255)).save(buf, format="PNG")
-        return EncodedImage(buf.getvalue(), "image/png")
+        return EncodedImage(buf.getvalue(), "image/png", self.where)
 
 
 def decode_data_uri(uri: str) -> bytes:

@@ -12,7 +12,7 @@ import ast
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from pixtral.errors import ImageError
 from pixtral.eval import prompts
@@ -303,7 +303,8 @@ def load_synth(path: str | Path, limit: int | None = None) -> Dataset:
     """Our synthetic test split (`pixtral data synth --out DIR`): `DIR/test.jsonl` plus its images.
 
     Each line: `{"id", "category", "messages"}`; image URLs are paths relative to the JSONL file
-    (or data URIs). Every assistant turn is scored, with the reference answers as history.
+    (or data URIs). Every assistant turn is scored, with the reference answers as history. The
+    hash covers the JSONL file and every image it references, whatever `limit` is.
     """
     import hashlib
 
@@ -312,11 +313,12 @@ def load_synth(path: str | Path, limit: int | None = None) -> Dataset:
         file = file / "test.jsonl"
     if not file.is_file():
         raise DataError(f"{file}: no such file (pass the folder written by `pixtral data synth --out DIR`)")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(file.read_bytes())
     images: dict[str, EncodedImage] = {}
 
     def image_for(part: dict[str, Any], where: str) -> EncodedImage:
-        url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str) or not url:
             raise DataError(f"{where}: image part has no image_url.url")
         if url not in images:
@@ -327,24 +329,20 @@ def load_synth(path: str | Path, limit: int | None = None) -> Dataset:
                 digest.update(f"{url}\0{images[url].sha256}\n".encode())
         return images[url]
 
-    items: list[Item] = []
+    conversations: list[list[Item]] = []
     seen: set[str] = set()
-    records = 0
-    with open(file, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            digest.update(raw)
-            if not raw.strip():
+    with open(file, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
                 continue
-            if limit is not None and records >= limit:
-                continue  # keep hashing: the hash identifies the whole split
             where = f"{file} line {lineno}"
             try:
-                record = json.loads(raw)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc})") from exc
-            for key in ("id", "category", "messages"):
-                if key not in record:
-                    raise DataError(f"{where}: missing field '{key}'")
+            missing = [key for key in ("id", "category", "messages") if key not in record]
+            if missing:
+                raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
             record_id = str(record["id"])
             if record_id in seen:
                 raise DataError(f"{where}: duplicate id '{record_id}'")
@@ -353,9 +351,12 @@ def load_synth(path: str | Path, limit: int | None = None) -> Dataset:
                 raise DataError(f"{where}: field 'messages' must be a list")
             messages = [_normalise_message(m, where, lambda part: image_for(part, where)) for m in record["messages"]]
             meta = {"category": str(record["category"]), "record": record_id}
-            items.extend(_turn_items(messages, record_id, meta, where, keep_judge_turns=False))
-            records += 1
-    return Dataset("synth", [file], digest.hexdigest(), total=len(items), records=records, stream=lambda: iter(items))
+            conversations.append(_turn_items(messages, record_id, meta, where, keep_judge_turns=False))
+    if not conversations:
+        raise DataError(f"{file}: no records")
+    kept = conversations[:limit] if limit is not None else conversations
+    items = [item for turns in kept for item in turns]
+    return Dataset("synth", [file], digest.hexdigest(), total=len(items), records=len(kept), stream=lambda: iter(items))
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -391,6 +392,3 @@ def blank_item(item: Item) -> Item:
 
     return Item(item.id, [blank(m) for m in item.messages], item.reference, item.meta, item.judge_turns)
 
-
-def iter_items(dataset: Dataset) -> Iterator[Item]:
-    return dataset.items()

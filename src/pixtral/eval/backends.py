@@ -1,0 +1,250 @@
+"""The model under test (and the judge): an OpenAI-compatible endpoint, or our engine in-process.
+
+Both expose `complete(messages, max_tokens=..., temperature=...) -> str`, thread-safe, where the
+messages are OpenAI chat messages whose image parts hold `EncodedImage`s (see `data.Item`).
+
+Endpoint calls go through the official `openai` client with images as base64 `data:` URIs. Timeouts,
+connection errors, 429 and 5xx answers are retried a bounded number of times with doubling delays;
+other HTTP errors fail the item at once. When retries run out on a connection error and the endpoint
+no longer answers at all, `EndpointUnreachableError` stops the run (finished items stay saved).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from pixtral.errors import PixtralError
+from pixtral.eval.data import to_openai_messages
+from pixtral.eval.errors import BackendError, EndpointUnreachableError
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class RequestFailed(Exception):
+    """One request failed for good (after its retries); the item is recorded as failed."""
+
+
+class Backend(Protocol):
+    identity: dict[str, Any]  # what the answers depend on (used to decide whether results can be resumed)
+
+    def check(self) -> list[str]: ...  # raise if unusable; return warnings
+
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def normalize_endpoint(url: str, option: str = "--endpoint") -> str:
+    """The client base URL: `http://host:8000` and `.../v1/chat/completions` both become `.../v1`."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BackendError(f"{option} must be an http(s) URL such as http://localhost:8000/v1, got '{url}'")
+    path = parts.path.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    if not path:
+        path = "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat-completions API (our server, vLLM, OpenAI, ...)."""
+
+    def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout: float = 600.0,
+                 attempts: int = 3, retry_delay: float = 1.0, role: str = "model", option: str = "--endpoint"):
+        import openai
+
+        if attempts < 1:
+            raise BackendError(f"retries: need at least 1 attempt per request, got {attempts}")
+        self.base_url = normalize_endpoint(endpoint, option)
+        self.model = model
+        self.role = role
+        self.attempts = attempts
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self._openai = openai
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        self.identity = {"served_model": model}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "endpoint", "endpoint": self.base_url, "served_model": self.model, "timeout_s": self.timeout,
+                "attempts": self.attempts}
+
+    def _unreachable(self, exc: Exception) -> EndpointUnreachableError:
+        cause = getattr(exc, "__cause__", None) or exc
+        return EndpointUnreachableError(
+            f"cannot reach the {self.role} endpoint {self.base_url} ({type(cause).__name__}: {cause}); "
+            "is the server running and the URL right?")
+
+    def reachable(self, tries: int = 3) -> bool:
+        """Whether anything answers at the endpoint: False only when every probe fails to connect
+        (refused, unknown host, connect timeout); any HTTP answer, even an error, counts as reachable."""
+        for attempt in range(tries):
+            try:
+                self.client.with_options(timeout=10.0).models.list()
+                return True
+            except self._openai.APIConnectionError as exc:  # includes timeouts
+                if type(exc.__cause__).__name__ not in ("ConnectError", "ConnectTimeout"):
+                    return True  # it answered, then misbehaved (reset, protocol error, slow reply)
+            except self._openai.APIError:
+                return True
+            if attempt + 1 < tries:
+                time.sleep(0.2)
+        return False
+
+    def check(self) -> list[str]:
+        openai = self._openai
+        try:
+            listed = [m.id for m in self.client.with_options(timeout=10.0).models.list().data]
+        except openai.APIConnectionError as exc:
+            if not self.reachable():
+                raise self._unreachable(exc) from exc
+            return []
+        except openai.AuthenticationError as exc:
+            raise BackendError(f"the {self.role} endpoint {self.base_url} rejected the API key (HTTP 401)") from exc
+        except openai.APIError:
+            return []  # some servers have no /models; chat requests will tell
+        if listed and self.model not in listed:
+            return [f"{self.role} endpoint {self.base_url} does not list model '{self.model}' (it lists: {', '.join(listed[:10])})"]
+        return []
+
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str:
+        openai = self._openai
+        wire = to_openai_messages(messages)
+        delay = self.retry_delay
+        last: Exception | None = None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=wire, max_tokens=max_tokens, temperature=temperature)
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
+                last = exc  # timeouts are APIConnectionError too
+            except openai.APIStatusError as exc:
+                raise RequestFailed(f"HTTP {exc.status_code} from {self.base_url}: {_brief(exc)}") from exc
+            except openai.APIError as exc:
+                raise RequestFailed(f"bad response from {self.base_url}: {_brief(exc)}") from exc
+            else:
+                if not response.choices:
+                    raise RequestFailed(f"response from {self.base_url} has no choices")
+                return response.choices[0].message.content or ""
+            if attempt < self.attempts:
+                time.sleep(delay)
+                delay *= 2
+        assert last is not None
+        if isinstance(last, openai.APIConnectionError) and not self.reachable():
+            raise self._unreachable(last)
+        raise RequestFailed(f"{_brief(last)} ({self.attempts} attempts)")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _brief(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    text = str(exc).replace("\n", " ")
+    if len(text) > 300:
+        text = text[:300] + "..."
+    name = type(exc).__name__
+    return f"{name} (HTTP {status}): {text}" if status else f"{name}: {text}"
+
+
+# ------------------------------------------------------------------------------ local engine
+
+
+def _import_engine():
+    try:
+        from pixtral import LLM, SamplingParams  # provided by the engine
+    except ImportError as exc:
+        raise BackendError(
+            "the in-process engine is not available (cannot import LLM and SamplingParams from pixtral: "
+            f"{exc}); evaluate an endpoint instead with --endpoint URL --served-model NAME") from exc
+    return LLM, SamplingParams
+
+
+class LocalBackend:
+    """Our engine in-process: `LLM(path).chat(conversations, SamplingParams(...))`.
+
+    Requests from the runner's worker threads are gathered into batches of up to `max_batch`
+    conversations (waiting at most `gather_s` for a batch to fill), and one thread drives the engine.
+    A failing batch is retried one conversation at a time so one bad item cannot fail its neighbours.
+    """
+
+    def __init__(self, model_path: str | None, *, max_batch: int = 8, gather_s: float = 0.05):
+        llm_cls, self._sampling_cls = _import_engine()
+        self.model_path = model_path
+        try:
+            self.llm = llm_cls(model_path) if model_path else llm_cls()
+        except PixtralError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"cannot load model {model_path or '(default)'}: {type(exc).__name__}: {exc}") from exc
+        self.max_batch = max(1, max_batch)
+        self.gather_s = gather_s
+        self.identity = {"model": model_path or "default"}
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="pixtral-eval-engine", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "model": self.model_path or "default", "max_batch": self.max_batch}
+
+    def check(self) -> list[str]:
+        return []
+
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str:
+        future: Future = Future()
+        self._queue.put((to_openai_messages(messages), max_tokens, temperature, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.gather_s
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            groups: dict[tuple[int, float], list] = {}
+            for request in batch:
+                groups.setdefault((request[1], request[2]), []).append(request)
+            for (max_tokens, temperature), requests in groups.items():
+                self._run(requests, max_tokens, temperature)
+            if stop:
+                return
+
+    def _run(self, requests: list, max_tokens: int, temperature: float) -> None:
+        params = self._sampling_cls(temperature=temperature, max_tokens=max_tokens)
+        try:
+            outputs = self.llm.chat([r[0] for r in requests], params)
+            texts = [out.outputs[0].text for out in outputs]
+            if len(texts) != len(requests):
+                raise RuntimeError(f"engine returned {len(texts)} outputs for {len(requests)} conversations")
+        except Exception as exc:  # isolate the failing conversation
+            if len(requests) > 1:
+                for request in requests:
+                    self._run([request], max_tokens, temperature)
+                return
+            requests[0][3].set_exception(RequestFailed(f"engine error: {type(exc).__name__}: {exc}"))
+            return
+        for request, text in zip(requests, texts):
+            request[3].set_result(text)
