@@ -1,0 +1,16 @@
+"""The serving engine: continuous batching over a paged KV cache, kept apart from the model.
+
+    LLM            batched offline inference (llm.chat / llm.generate)
+    AsyncEngine    the engine in a background thread with asyncio streams (the server uses it)
+    Engine         the synchronous core: add_request / step / abort
+"""
+
+from pixtral.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from pixtral.engine.config import EngineConfig
+from pixtral.engine.engine import Engine, EngineStats
+from pixtral.engine.llm import LLM
+from pixtral.engine.outputs import CompletionOutput, OutputDelta, RequestOutput, TokenLogprob
+from pixtral.engine.request import Prompt
+
+__all__ = ["LLM", "AsyncEngine", "Engine", "EngineConfig", "EngineStats", "RequestStream", "QueueFullError",
+           "EngineDeadError", "RequestOutput", "CompletionOutput", "OutputDelta", "TokenLogprob", "Prompt"]

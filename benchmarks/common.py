@@ -1,0 +1,117 @@
+"""Shared by the benchmarks: random models, the same weights in Hugging Face transformers, timing.
+
+The transformers model is built from our model's tensors (q/k rows permuted to HF's RoPE
+layout by the checkpoint code's own functions), so both run identical weights; each benchmark
+first checks that both pick the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from pixtral.checkpoint.layout import HF_CURRENT_TO_LEGACY, key_specs, to_hf_rows
+from pixtral.model import Pixtral
+from pixtral.model.args import ModelArgs
+
+
+def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                 std: float = 0.02) -> Pixtral:
+    """Random weights (normal, std 0.02; norms 1), built on the meta device then filled in place."""
+    with torch.device("meta"):
+        model = Pixtral(args)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return model.eval().requires_grad_(False)
+
+
+def hf_from_ours(model: Pixtral):
+    """transformers' LLaVA/Mistral3 model holding the same weights as `model` (a copy)."""
+    import transformers
+
+    args = model.args
+    config = args.to_hf_config()
+    cls = {"llava": transformers.LlavaForConditionalGeneration,
+           "mistral3": transformers.Mistral3ForConditionalGeneration}[config["model_type"]]
+    config_cls = {"llava": transformers.LlavaConfig, "mistral3": transformers.Mistral3Config}[config["model_type"]]
+    weight = model.tok_embeddings.weight
+    hf_config = config_cls.from_dict(config)
+    hf_config.text_config._attn_implementation = "sdpa"
+    hf_config.vision_config._attn_implementation = "sdpa"
+    with torch.device(weight.device):
+        hf = cls._from_config(hf_config, dtype=weight.dtype, attn_implementation="sdpa")
+    ours = dict(model.named_parameters())
+    state = {}
+    for spec in key_specs(args):
+        tensor = ours[spec.mistral]
+        if spec.permute_heads:
+            tensor = to_hf_rows(tensor, spec.permute_heads, spec.head_dim)
+        name = spec.hf
+        for current, legacy in HF_CURRENT_TO_LEGACY:
+            if name.startswith(legacy):
+                name = current + name[len(legacy):]
+                break
+        state[name] = tensor
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping to transformers failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf.eval().requires_grad_(False)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def describe_machine(device: torch.device) -> str:
+    import transformers
+
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    what = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} torch threads"
+                    break
+        except OSError:
+            pass
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{what}; torch {torch.__version__}, transformers {transformers.__version__}; {when}"
+
+
+def text_prompt(processor, length: int, seed: int) -> list[int]:
+    """[BOS][INST] <length random ordinary tokens> [/INST]: same length for every seed (no padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    body = torch.randint(1000, 30000, (length,), generator=gen).tolist()  # ordinary tokens of any vocabulary
+    ids = processor.encode_chat([{"role": "user", "content": "x"}])[0]
+    inst_end = ids[-1]
+    return ids[:2] + body + [inst_end]

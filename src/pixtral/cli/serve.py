@@ -1,0 +1,115 @@
+"""`pixtral serve`: an OpenAI-compatible chat server for a model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+HELP = """\
+Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, streamed or not;
+GET /v1/models, /health, /metrics). Images are accepted as data: URIs; remote http(s) images
+only with --allow-remote-images (never from loopback or private addresses); local paths never.
+The server answers 503 until the model is loaded.
+
+examples:
+  pixtral serve --model ~/models/Pixtral-12B-2409 --port 8000
+  pixtral serve --model ckpt --host 0.0.0.0 --api-key "$KEY" --allow-remote-images
+"""
+
+
+def register(subparsers) -> None:
+    from pixtral.cli.common import add_model_options
+    from pixtral.processing.images import DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="the 'model' name clients send (default: the checkpoint folder's name)")
+    p.add_argument("--api-key", default=os.environ.get("PIXTRAL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PIXTRAL_API_KEY; none: open)")
+    g = p.add_argument_group("images")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="also fetch http(s) image URLs (public addresses only, with size and time limits)")
+    g.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
+    g.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image, in MB (default 20)")
+    g.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds per remote image (default 10)")
+    g.add_argument("--max-images-per-request", type=int, default=64, help="default 64")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default: CPU 64, GPU 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default: CPU 2048, GPU 8192)")
+    g.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's context length)")
+    g.add_argument("--kv-cache-gib", type=float, help="KV-cache memory (default: GPU 90%% of the card less the "
+                                                      "model, CPU a fifth of RAM up to 4 GiB)")
+    g.add_argument("--max-queue", type=int, default=1024, help="waiting requests before answering 429 (default 1024)")
+    g.add_argument("--max-request-mb", type=float, default=100.0, help="largest request body (default 100)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run the decode step eagerly")
+    p.set_defaults(func=run)
+
+
+def _positive(name: str, value) -> None:
+    from pixtral.errors import PixtralError
+
+    if value is not None and value <= 0:
+        raise PixtralError(f"{name} must be positive, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from pixtral.assets import default_model_dir
+    from pixtral.checkpoint import find_files, read_args
+    from pixtral.cli.common import DTYPES, resolve_device
+    from pixtral.engine import AsyncEngine
+    from pixtral.errors import PixtralError
+    from pixtral.processing.images import ImagePolicy
+    from pixtral.server import ServerConfig, ServerState, build_app
+
+    for name in ("max_image_pixels", "max_image_mb", "remote_image_timeout", "max_images_per_request",
+                 "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gib", "max_queue",
+                 "max_request_mb"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if not 0 < args.port < 65536:
+        raise PixtralError(f"--port must be in 1..65535, got {args.port}")
+    path = Path(args.model).expanduser() if args.model else default_model_dir()
+    read_args(find_files(path))  # a wrong path fails now, not after the server has started
+    device = resolve_device(args.device)
+    policy = ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 2**20),
+                         allow_local_files=False, allow_remote=args.allow_remote_images,
+                         block_private_networks=True, timeout_s=args.remote_image_timeout)
+    options = {
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len, "max_waiting": args.max_queue,
+        "kv_cache_bytes": int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
+        "enable_prefix_caching": not args.no_prefix_caching, "cuda_graphs": not args.no_cuda_graphs,
+    }
+    config = ServerConfig(model_name=args.served_model_name or path.resolve().name, api_key=args.api_key,
+                          image_policy=policy, max_images_per_request=args.max_images_per_request,
+                          max_request_bytes=int(args.max_request_mb * 2**20))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = ServerState()
+    server = uvicorn.Server(uvicorn.Config(build_app(state, config), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    failed = []
+
+    def on_error(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    state.load_in_background(
+        lambda: AsyncEngine.from_pretrained(path, device, DTYPES.get(args.dtype), image_policy=policy, **options),
+        on_error)
+    logging.getLogger("pixtral.server").info("serving %r at http://%s:%d/v1 (loading the model...)",
+                                             config.model_name, args.host, args.port)
+    server.run()
+    if state.engine is not None:
+        state.engine.shutdown()
+    if failed:
+        raise PixtralError(f"could not load the model: {state.load_error}")
+    return 0

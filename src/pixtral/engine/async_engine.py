@@ -1,0 +1,237 @@
+"""`AsyncEngine`: the engine in a background thread, with asyncio streams (what the server uses).
+
+    engine = AsyncEngine.from_pretrained(path)          # loads the model, starts the thread
+    async for delta in engine.chat(messages, SamplingParams(max_tokens=64)):
+        print(delta.text, end="")
+
+The engine thread owns the `Engine`; other threads only send it commands (add, abort) through a
+queue. Each request has a `RequestStream`, fed from the engine thread with
+`loop.call_soon_threadsafe`. `submit` checks a request and refuses it at once (a bad request,
+a full queue, a dead engine) so a server can answer with the right status before it starts
+streaming. A stream that is abandoned or closed aborts its request, which frees its KV blocks
+at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pixtral.engine.engine import Engine, EngineStats
+from pixtral.engine.inputs import chat_prompt, generate_prompt
+from pixtral.engine.outputs import OutputDelta, RequestOutput
+from pixtral.engine.request import Prompt
+from pixtral.errors import PixtralError
+from pixtral.generation.params import SamplingParams
+from pixtral.processing.images import ImagePolicy
+
+log = logging.getLogger("pixtral.engine")
+
+
+class QueueFullError(PixtralError):
+    """Too many requests are waiting; try again later (HTTP 429)."""
+
+
+class EngineDeadError(PixtralError):
+    """The engine thread stopped; no request can be served (HTTP 503)."""
+
+
+class RequestStream:
+    """Async iterator over one request's `OutputDelta`s; `abort()` cancels the request."""
+
+    def __init__(self, owner: "AsyncEngine", request_id: str, prompt: Prompt, params: SamplingParams):
+        self._owner, self.request_id = owner, request_id
+        self.prompt, self.params = prompt, params
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.done = False
+
+    def _put(self, item: OutputDelta | BaseException) -> None:  # called from the engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> AsyncIterator[OutputDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[OutputDelta]:
+        try:
+            while not self.done:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.done = True
+                    raise item
+                self.done = item.finished
+                yield item
+        finally:
+            self.abort()
+
+    async def result(self) -> RequestOutput:
+        """Wait for the whole answer."""
+        out = RequestOutput.start(self.request_id, self.prompt.token_ids, self.params.logprobs is not None)
+        async for delta in self:
+            out.add(delta)
+        return out
+
+    def abort(self) -> None:
+        """Cancel the request if it is still running (idempotent)."""
+        if not self.done:
+            self.done = True
+            self._owner._send(("abort", self.request_id))
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, start: bool = True):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+        if start:
+            self.start()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None, *,
+                        image_policy: ImagePolicy | None = None, **engine_options: Any) -> "AsyncEngine":
+        from pixtral.engine.llm import LLM
+
+        kwargs = {"image_policy": image_policy} if image_policy is not None else {}
+        llm = LLM(path, device, dtype, **kwargs, **engine_options)
+        llm.engine.warmup()
+        return cls(llm.engine)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.engine.max_model_len, self.engine.kv_capacity)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()  # plain counters, read without locking: a snapshot may be a step old
+        stats.num_waiting += self._pending_adds
+        return stats
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pixtral-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Check and enqueue a request; raises RequestError, QueueFullError or EngineDeadError."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running{f' ({self.dead})' if self.dead else ''}")
+        self.engine.check(prompt, params)
+        limit = self.engine.config.max_waiting
+        with self._lock:
+            if self.num_waiting >= limit:
+                raise QueueFullError(f"the server has {limit} requests waiting, its limit; retry later")
+            self._pending_adds += 1
+        stream = RequestStream(self, request_id or uuid.uuid4().hex, prompt, params)
+        self._streams[stream.request_id] = stream
+        self._send(("add", stream))
+        return stream
+
+    async def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None
+                       ) -> AsyncIterator[OutputDelta]:
+        """Stream the deltas of a raw prompt (see `LLM.generate` for the accepted forms)."""
+        stream = self.submit(generate_prompt(self.processor, prompt), params, request_id)
+        async for delta in stream:
+            yield delta
+
+    async def chat(self, messages: list[dict], params: SamplingParams, request_id: str | None = None,
+                   policy: ImagePolicy | None = None) -> AsyncIterator[OutputDelta]:
+        """Stream the deltas of an OpenAI-format conversation (images decoded off the event loop)."""
+        prompt = await asyncio.to_thread(chat_prompt, self.processor, messages, policy)
+        stream = self.submit(prompt, params, request_id)
+        async for delta in stream:
+            yield delta
+
+    # ------------------------------------------------------------------ engine thread
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for delta in self.engine.step():
+                        self._deliver(delta)
+        except BaseException as exc:  # noqa: BLE001 - report it to every waiting client
+            log.exception("the engine thread died")
+            self.dead = exc
+        finally:
+            error = EngineDeadError(f"the engine stopped{f': {self.dead}' if self.dead else ''}")
+            for stream in list(self._streams.values()):
+                try:
+                    stream._put(error)
+                except RuntimeError:  # that client's event loop is gone
+                    pass
+            self._streams.clear()
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: tuple) -> None:
+        kind, arg = command
+        if kind == "add":
+            stream: RequestStream = arg
+            try:
+                if not stream.done:  # not abandoned meanwhile
+                    self.engine.add_request(stream.prompt, stream.params, stream.request_id)
+            except Exception as exc:  # noqa: BLE001 - the client gets the error, the engine goes on
+                self._streams.pop(stream.request_id, None)
+                stream._put(exc)
+            finally:
+                with self._lock:
+                    self._pending_adds -= 1
+        elif kind == "abort":
+            self.engine.abort(arg)
+            self._streams.pop(arg, None)
+
+    def _deliver(self, delta: OutputDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if delta.finished:
+            self._streams.pop(delta.request_id, None)
+        if stream is None:
+            return
+        try:
+            stream._put(delta)
+        except RuntimeError:  # the client's event loop is gone
+            self.engine.abort(delta.request_id)
+            self._streams.pop(delta.request_id, None)

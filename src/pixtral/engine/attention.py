@@ -1,0 +1,112 @@
+"""Attention contexts over the paged KV cache, one per engine step.
+
+`PagedAttention` serves any mix of prefill chunks and decodes: a flat run of tokens from many
+sequences. It writes the new keys/values into their slots, then, sequence by sequence, gathers
+that sequence's blocks and calls SDPA: simple, exact, and each sequence's result does not
+depend on what else is in the batch.
+
+`DecodeAttention` is the static-shape variant for CUDA graphs: one new token per row, block
+tables padded to a fixed width, attention masked by each row's context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixtral.engine.kv_cache import PagedKVCache
+from pixtral.model.attention import sdpa
+
+
+@dataclass
+class SeqChunk:
+    """Tokens [start, start + length) of one sequence, whose KV lives in `block_ids`."""
+
+    start: int
+    length: int
+    block_ids: list[int]
+
+
+def slot_mapping(chunks: list[SeqChunk], block_size: int) -> np.ndarray:
+    """Flat cache slot of every token of every chunk, in order."""
+    out = []
+    for c in chunks:
+        pos = np.arange(c.start, c.start + c.length)
+        blocks = np.asarray(c.block_ids, dtype=np.int64)
+        out.append(blocks[pos // block_size] * block_size + pos % block_size)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+class PagedAttention:
+    def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], device: torch.device):
+        self.cache, self.chunks = cache, chunks
+        bs = cache.block_size
+        self.positions = torch.from_numpy(
+            np.concatenate([np.arange(c.start, c.start + c.length) for c in chunks])).to(device)
+        self.slots = torch.from_numpy(slot_mapping(chunks, bs)).to(device)
+        self.lengths = [c.length for c in chunks]
+        self.blocks, self.masks = [], []
+        for c in chunks:
+            end = c.start + c.length
+            if c.start == 0:  # nothing cached before: attend to the chunk's own k/v, causally
+                self.blocks.append(None)
+                self.masks.append(None)
+                continue
+            n_blocks = -(-end // bs)
+            self.blocks.append(torch.tensor(c.block_ids[:n_blocks], dtype=torch.long, device=device))
+            if c.length == 1:
+                self.masks.append(None)  # a single query sees every key
+            else:  # query i (at position start + i) sees keys up to its own position
+                pos = torch.arange(c.start, end, device=device)
+                self.masks.append(torch.arange(end, device=device)[None, :] <= pos[:, None])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.layer(layer)
+        k_cache.index_copy_(0, self.slots, k)
+        v_cache.index_copy_(0, self.slots, v)
+        outs = []
+        for c, blocks, mask, qs, ks, vs in zip(self.chunks, self.blocks, self.masks, q.split(self.lengths),
+                                                k.split(self.lengths), v.split(self.lengths)):
+            if blocks is None:
+                outs.append(sdpa(qs, ks, vs, causal=True))
+                continue
+            end = c.start + c.length
+            keys = self.cache.k[layer].index_select(0, blocks).flatten(0, 1)[:end]
+            values = self.cache.v[layer].index_select(0, blocks).flatten(0, 1)[:end]
+            outs.append(sdpa(qs, keys, values, mask=mask))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class DecodeAttention:
+    """Decode rows with static shapes: positions/slots [B], block_tables [B, W], context_lens [B].
+
+    Padded rows point their slot at the reserved null block and have context length 1, so
+    they write and read only there. Grouped-query heads are folded into the query length:
+    q [B, Hq, D] -> [B, Hkv, Hq/Hkv, D], so keys and values are never repeated.
+
+    Masked slots are still read (weight 0), so the cache must hold finite values everywhere:
+    it starts zeroed on the GPU, and every write is a model output.
+    """
+
+    def __init__(self, cache: PagedKVCache, positions: torch.Tensor, slots: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor):
+        self.cache, self.positions, self.slots = cache, positions, slots
+        self.block_tables, self.context_lens = block_tables, context_lens
+        width = block_tables.shape[1] * cache.block_size
+        keep = torch.arange(width, device=positions.device)[None, :] < context_lens[:, None]
+        self.mask = keep[:, None, None, :]  # [B, 1, 1, L]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.layer(layer)
+        k_cache.index_copy_(0, self.slots, k)
+        v_cache.index_copy_(0, self.slots, v)
+        b, hq, d = q.shape
+        hkv = k.shape[1]
+        flat = self.block_tables.flatten()
+        keys = self.cache.k[layer].index_select(0, flat).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        values = self.cache.v[layer].index_select(0, flat).view(b, -1, hkv, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=self.mask)
+        return out.reshape(b, hq, d)

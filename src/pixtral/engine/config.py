@@ -1,0 +1,57 @@
+"""Engine settings, with defaults that suit the device (small batches on CPU, large on GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+GiB = 2**30
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV-cache block
+    max_num_seqs: int | None = None  # most requests running at once (CPU 64, GPU 256)
+    max_num_batched_tokens: int | None = None  # tokens per step, decodes + prefill chunks (CPU 2048, GPU 8192)
+    kv_cache_bytes: int | None = None  # memory for the KV cache; None: sized from the device
+    num_blocks: int | None = None  # exact number of blocks (tests); overrides kv_cache_bytes
+    gpu_memory_utilization: float = 0.90  # GPU: share of the card's memory the engine may fill
+    max_model_len: int | None = None  # longest sequence; default and cap: the model's max_seq_len
+    enable_prefix_caching: bool = True
+    encoder_cache_tokens: int = 16384  # image features kept for reuse, in image tokens
+    max_waiting: int = 1024  # bounded waiting queue: beyond it requests are refused (HTTP 429)
+    cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs
+    max_graph_batch: int = 256  # GPU: largest decode batch captured in a graph
+
+    def resolved(self, device: torch.device) -> "EngineConfig":
+        """A copy with the device-dependent defaults filled in, checked."""
+        gpu = device.type == "cuda"
+        cfg = replace(
+            self,
+            max_num_seqs=self.max_num_seqs or (256 if gpu else 64),
+            max_num_batched_tokens=self.max_num_batched_tokens or (8192 if gpu else 2048),
+            cuda_graphs=self.cuda_graphs and gpu,
+        )
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "encoder_cache_tokens", "max_waiting"):
+            value = getattr(cfg, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"engine setting {name!r} must be a positive integer, got {value!r}")
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({cfg.max_num_seqs}), so that every running request can decode in each step"
+            )
+        if cfg.num_blocks is not None and cfg.num_blocks < 2:
+            raise ValueError(f"engine setting 'num_blocks' must be at least 2, got {cfg.num_blocks}")
+        return cfg
+
+
+def default_cpu_kv_bytes() -> int:
+    """CPU: a fifth of the machine's memory, at most 4 GiB (pages are only touched when used)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * GiB
+    return int(min(4 * GiB, total // 5))

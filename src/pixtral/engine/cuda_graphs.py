@@ -1,0 +1,125 @@
+"""GPU decode step replayed as CUDA graphs: static shapes, padded batch and block-table buckets.
+
+A decode step (one new token per running sequence) is captured once per (batch bucket, block
+table width) and replayed: the Python work of the forward pass, hundreds of kernel launches,
+becomes one launch. Inputs are copied into static buffers; rows beyond the real batch are
+padding that writes only into the reserved null block. Nothing here runs on the CPU path,
+and CUDA is touched only when an instance is created.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pixtral.engine.attention import DecodeAttention
+from pixtral.engine.block_allocator import NULL_BLOCK
+from pixtral.engine.kv_cache import PagedKVCache
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes = {1, 2, 4, 8, 16, 24} | set(range(32, max_batch + 1, 32)) | {max_batch}
+    return sorted(s for s in sizes if s <= max_batch)
+
+
+MIN_WIDTH = 16  # blocks: the narrowest block table captured
+
+
+class CudaGraphDecoder:
+    def __init__(self, model, cache: PagedKVCache, max_batch: int, max_model_len: int,
+                 max_gather_tokens: int = 2**18):
+        self.model, self.cache = model, cache
+        self.block_size = cache.block_size
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.batch_sizes = batch_buckets(max_batch)
+        # Each row gathers `width` blocks of keys and values per layer; past this many tokens in
+        # all rows, the eager per-sequence path (which gathers only real tokens) is cheaper.
+        self.max_gather_tokens = max_gather_tokens
+        device = cache.k.device
+        long = dict(dtype=torch.long, device=device)
+        self.ids = torch.zeros(max_batch, **long)
+        self.positions = torch.zeros(max_batch, **long)
+        self.slots = torch.full((max_batch,), NULL_BLOCK * self.block_size, **long)
+        self.block_tables = torch.full((max_batch, self.max_blocks), NULL_BLOCK, **long)
+        self.context_lens = torch.ones(max_batch, **long)
+        # One output buffer for all graphs: each graph copies its logits here, so the only memory
+        # a graph keeps is what its own capture could not free (shared pool, replayed one at a time).
+        self.logits = torch.empty(max_batch, model.args.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = None  # one memory pool shared by all the graphs
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    def _width(self, blocks: int) -> int:
+        width = MIN_WIDTH
+        while width < blocks:
+            width *= 2
+        return min(width, self.max_blocks)
+
+    def _batch(self, n: int) -> int:
+        return next(b for b in self.batch_sizes if b >= n)
+
+    def fits(self, n: int, max_context: int) -> bool:
+        """Whether a decode step of n sequences, the longest max_context tokens, has a graph shape."""
+        if n > self.max_batch:
+            return False
+        width = self._width(-(-max_context // self.block_size))
+        return self._batch(n) * width * self.block_size <= self.max_gather_tokens
+
+    def _forward(self, batch: int, width: int) -> None:
+        ctx = DecodeAttention(self.cache, self.positions[:batch], self.slots[:batch],
+                              self.block_tables[:batch, :width], self.context_lens[:batch])
+        hidden = self.model.hidden_states(self.model.tok_embeddings(self.ids[:batch]), ctx)
+        self.logits[:batch].copy_(self.model.logits(hidden))
+
+    def _capture(self, batch: int, width: int) -> torch.cuda.CUDAGraph:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernel init)
+            for _ in range(2):
+                self._forward(batch, width)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(batch, width)
+        self.graphs[(batch, width)] = graph
+        return graph
+
+    def _pad_inputs(self, n: int) -> None:
+        """Point every row from n on at the null block, whatever the last step left there."""
+        self.ids[n:].zero_()
+        self.positions[n:].zero_()
+        self.slots[n:].fill_(NULL_BLOCK * self.block_size)
+        self.block_tables[n:].fill_(NULL_BLOCK)
+        self.context_lens[n:].fill_(1)
+
+    def capture_all(self, widths: list[int] | None = None) -> None:
+        """Capture ahead of time (server start) so first requests do not pay for it."""
+        self._pad_inputs(0)
+        for width in widths or [MIN_WIDTH, 4 * MIN_WIDTH]:
+            for batch in self.batch_sizes:
+                if (batch, width) not in self.graphs and batch * width * self.block_size <= self.max_gather_tokens:
+                    self._capture(batch, width)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+            context_lens: list[int]) -> torch.Tensor:
+        """One decode step for n sequences (check `fits` first) -> logits [n, vocab], valid until the next run."""
+        n = len(ids)
+        batch = self._batch(n)
+        width = self._width(max(-(-c // self.block_size) for c in context_lens))
+        table = torch.full((n, width), NULL_BLOCK, dtype=torch.long)
+        for row, blocks in enumerate(block_tables):
+            used = blocks[:width]
+            table[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        self._pad_inputs(n)
+        self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor(context_lens), non_blocking=True)
+        self.block_tables[:n, :width].copy_(table, non_blocking=True)
+        graph = self.graphs.get((batch, width)) or self._capture(batch, width)
+        graph.replay()
+        return self.logits[:n]

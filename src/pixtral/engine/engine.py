@@ -1,0 +1,242 @@
+"""The engine: requests in, one batched step at a time, output deltas out.
+
+Each `step()` asks the scheduler for this step's chunks, encodes the images those chunks
+need (all in one vision pass, reusing cached features), runs the model once over the flat
+batch, samples a token for every sequence that reached its end, and turns tokens into text.
+Finished and aborted requests give their KV blocks back at once. The engine is synchronous
+and single-threaded; `AsyncEngine` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from pixtral.engine.block_allocator import BlockAllocator
+from pixtral.engine.config import EngineConfig
+from pixtral.engine.encoder_cache import EncoderCache
+from pixtral.engine.kv_cache import PagedKVCache, num_blocks_for, profile_activation_bytes
+from pixtral.engine.model_runner import ModelRunner
+from pixtral.engine.outputs import OutputDelta
+from pixtral.engine.request import Prompt, Request
+from pixtral.engine.sampler import Sampler
+from pixtral.engine.scheduler import ScheduledChunk, Scheduler
+from pixtral.errors import ContextLengthError, RequestError
+from pixtral.generation.params import SamplingParams
+
+log = logging.getLogger("pixtral.engine")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    kv_blocks_total: int = 0
+    block_size: int = 0
+    prompt_tokens_total: int = 0  # prompt tokens run through the model (prefix-cache hits excluded)
+    generation_tokens_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
+    encoder_cache_hits_total: int = 0
+    images_encoded_total: int = 0
+    preemptions_total: int = 0
+    steps_total: int = 0
+    requests_finished_total: dict[str, int] = field(default_factory=dict)  # by finish reason
+
+
+class Engine:
+    def __init__(self, model, processor, config: EngineConfig | None = None):
+        self.model, self.processor = model, processor
+        weight = model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.config = cfg = (config or EngineConfig()).resolved(self.device)
+
+        reserved = 0
+        if self.device.type == "cuda" and cfg.num_blocks is None and cfg.kv_cache_bytes is None:
+            reserved = profile_activation_bytes(model, cfg) + cfg.encoder_cache_tokens * model.args.dim * 2
+        num_blocks = num_blocks_for(model, cfg, reserved)
+        self.cache = PagedKVCache(model.args, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.allocator = BlockAllocator(num_blocks, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.allocator)
+        self.kv_capacity = self.allocator.num_usable * cfg.block_size  # tokens
+        self.max_model_len = min(model.args.max_seq_len, cfg.max_model_len or model.args.max_seq_len)
+        self.runner = ModelRunner(model, self.cache, cfg, min(self.max_model_len, self.kv_capacity))
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_tokens)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.eos_id = processor.eos_id
+        self.image_token_id = model.image_token_id
+        self.image_related_ids = set((getattr(processor, "image_token_ids", None) or {}).values())
+        self._generated = 0
+        self._prompt_tokens = 0
+        self._images_encoded = 0
+        self._steps = 0
+        self._finished: Counter[str] = Counter({"stop": 0, "length": 0, "abort": 0, "error": 0})
+
+    # ------------------------------------------------------------------ requests
+    def check(self, prompt: Prompt, params: SamplingParams) -> tuple[int, list[int]]:
+        """Validate a request without adding it: -> (max new tokens, image tokens per image).
+
+        Raises RequestError / ContextLengthError with a message meant for the user. Touches no
+        engine state, so any thread may call it.
+        """
+        params.validate()
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+            raise RequestError(f"'seed' must be a 64-bit integer, got {params.seed}")
+        ids = prompt.token_ids
+        vocab = self.model.args.vocab_size
+        if not isinstance(ids, list) or not ids:
+            raise RequestError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        counts: list[int] = []
+        n_slots = sum(t == self.image_token_id for t in ids) if self.image_token_id is not None else 0
+        if prompt.images:
+            if self.model.args.vision is None:
+                raise RequestError("this model has no vision encoder, but the request has images")
+            try:
+                counts = self.model.image_token_counts(prompt.images)
+            except ValueError as exc:
+                raise RequestError(f"invalid image: {exc}") from None
+        if n_slots != sum(counts):
+            raise RequestError(
+                f"the prompt has {n_slots} [IMG] tokens but its {len(counts)} image(s) fill {sum(counts)}; "
+                "encode prompts and images together with the processor"
+            )
+        n = len(ids)
+        limit, what = self.max_model_len, f"the model's context length is {self.max_model_len}"
+        if self.kv_capacity < limit:
+            limit, what = self.kv_capacity, (f"the KV cache holds only {self.kv_capacity} tokens "
+                                             "(give the engine more KV-cache memory)")
+        if n >= limit:
+            raise ContextLengthError(f"the prompt has {n} tokens, but {what}")
+        budget = limit - n
+        if params.max_tokens is not None and params.max_tokens > budget:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens and max_tokens is {params.max_tokens}: {n + params.max_tokens} tokens, "
+                f"but {what}"
+            )
+        return params.max_tokens or budget, counts
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        max_new, counts = self.check(prompt, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.eos_id})
+        req = Request(request_id, prompt, params, max_new_tokens=max_new, image_token_id=self.image_token_id,
+                      image_token_counts=counts, stop_ids=stop_ids, decoder=self.processor.stream_decoder(),
+                      image_related_ids=self.image_related_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req)
+        req.finish_reason = "abort"
+        self._finished["abort"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[OutputDelta]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self._steps += 1
+        try:
+            features = self._image_features(chunks)
+            logits = self.runner.forward(chunks, features)
+        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
+            log.exception("engine step failed")
+            return self._fail([c.request for c in chunks], exc)
+        for c in chunks:
+            self.scheduler.computed(c)
+            self._prompt_tokens += max(0, min(c.start + c.length, c.request.prompt_len) - c.start)
+        sampling = [c.request for c in chunks if c.samples]
+        tokens, logprobs = self.sampler(logits, sampling)
+        deltas = []
+        for req, token, logprob in zip(sampling, tokens, logprobs):
+            delta = req.append_token(token, logprob)
+            self._generated += 1
+            if delta.finished:
+                self._finish(req)
+            deltas.append(delta)
+        return deltas
+
+    def _image_features(self, chunks: list[ScheduledChunk]) -> dict[bytes, torch.Tensor]:
+        """Features of every image this step's chunks touch: cached, or encoded in one packed pass."""
+        features: dict[bytes, torch.Tensor] = {}
+        missing: dict[bytes, torch.Tensor] = {}
+        for c in chunks:
+            req = c.request
+            for k in req.images_for_rows(*req.image_rows(c.start, c.start + c.length)):
+                key = req.image_hashes[k]
+                if key in features or key in missing:
+                    continue
+                cached = self.encoder_cache.get(key)
+                if cached is None:
+                    missing[key] = req.images[k]
+                else:
+                    features[key] = cached
+        if missing:
+            for key, feats in zip(missing, self.runner.encode_images(list(missing.values()))):
+                features[key] = feats
+                self.encoder_cache.put(key, feats)
+            self._images_encoded += len(missing)
+        return features
+
+    def _finish(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req)
+        self._finished[req.finish_reason] += 1
+
+    def _fail(self, requests: list[Request], exc: Exception) -> list[OutputDelta]:
+        deltas = []
+        for req in requests:
+            req.finish_reason = "error"
+            self._finish(req)
+            deltas.append(req.fill(OutputDelta(req.request_id, error=f"internal error: {type(exc).__name__}: {exc}")))
+        return deltas
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_used=self.allocator.num_used,
+            kv_blocks_cached=self.allocator.num_cached,
+            kv_blocks_total=self.allocator.num_usable,
+            block_size=self.config.block_size,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generated,
+            prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens,
+            encoder_cache_hits_total=self.encoder_cache.hits,
+            images_encoded_total=self._images_encoded,
+            preemptions_total=self.scheduler.num_preemptions,
+            steps_total=self._steps,
+            requests_finished_total=dict(self._finished),
+        )
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """GPU: capture the common decode graphs now, so that first requests do not wait for it."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes and image features (benchmarks)."""
+        self.allocator.reset_prefix_cache()
+        self.encoder_cache.clear()

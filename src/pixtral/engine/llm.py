@@ -1,0 +1,109 @@
+"""`LLM`: batched offline inference, in the convention of vLLM.
+
+    from pixtral import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint")
+    outs = llm.chat([[{"role": "user", "content": "Hi"}], ...], SamplingParams(temperature=0, max_tokens=64))
+    print(outs[0].outputs[0].text)
+
+All requests are checked first (a bad one raises before any work is done), then run together
+through the engine with continuous batching. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixtral.engine.config import EngineConfig
+from pixtral.engine.engine import Engine
+from pixtral.engine.inputs import chat_prompt, generate_prompt
+from pixtral.engine.outputs import RequestOutput
+from pixtral.engine.request import Prompt
+from pixtral.errors import RequestError
+from pixtral.generation.params import SamplingParams
+from pixtral.processing.images import LOCAL_POLICY, ImagePolicy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLM:
+    def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, *, image_policy: ImagePolicy = LOCAL_POLICY,
+                 **engine_options: Any):
+        """Load a checkpoint (default: the model shipped with the package) and start an engine.
+
+        `engine_options` are `EngineConfig` fields: max_num_seqs, max_num_batched_tokens,
+        kv_cache_bytes, num_blocks, enable_prefix_caching, cuda_graphs, ...
+        """
+        from pixtral.assets import default_model_dir
+        from pixtral.checkpoint import load_model
+        from pixtral.processing import load_processor
+
+        path = Path(path) if path is not None else default_model_dir()
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        model = load_model(path, device=device, dtype=dtype)
+        self._setup(model, load_processor(path, image_policy), engine_options)
+
+    @classmethod
+    def from_model(cls, model, processor, **engine_options: Any) -> "LLM":
+        """Wrap a model and processor already in memory."""
+        llm = cls.__new__(cls)
+        llm._setup(model, processor, engine_options)
+        return llm
+
+    def _setup(self, model, processor, engine_options: dict[str, Any]) -> None:
+        self.model, self.processor = model, processor
+        self.engine = Engine(model, processor, EngineConfig(**engine_options))
+
+    # ------------------------------------------------------------------ API
+    def chat(self, conversations: list[list[dict]] | list[dict],
+             params: SamplingParams | list[SamplingParams] | None = None, *,
+             image_policy: ImagePolicy | None = None) -> list[RequestOutput]:
+        """One or many OpenAI-format conversations -> one RequestOutput each, in order."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # a single conversation
+        prompts = [chat_prompt(self.processor, list(conv), image_policy) for conv in conversations]
+        return self._run(prompts, params)
+
+    def generate(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Raw prompts (text, token ids, or dicts with token ids and images) -> RequestOutputs."""
+        if isinstance(prompts, (str, dict, Prompt)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run([generate_prompt(self.processor, p) for p in prompts], params)
+
+    # ------------------------------------------------------------------ running
+    def _run(self, prompts: list[Prompt], params) -> list[RequestOutput]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts but {len(params)} sampling parameters")
+        for prompt, p in zip(prompts, params):
+            self.engine.check(prompt, p)  # fail before running anything
+        results: dict[str, RequestOutput] = {}
+        order = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = self.engine.add_request(prompt, p)
+                results[rid] = RequestOutput.start(rid, prompt.token_ids, p.logprobs is not None)
+                order.append(rid)
+            pending = len(order)
+            while pending:
+                for delta in self.engine.step():
+                    results[delta.request_id].add(delta)
+                    pending -= delta.finished
+        finally:
+            for rid in order:
+                if not results[rid].finished:
+                    self.engine.abort(rid)
+        return [results[rid] for rid in order]

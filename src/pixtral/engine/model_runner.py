@@ -1,0 +1,84 @@
+"""Turns a scheduled step into one forward pass of the model, and images into features.
+
+The flat batch: the token ids of every chunk back to back, their embeddings with image
+features put in the prompt's [IMG] slots, an attention context over the paged cache, and
+logits for the last token of each chunk that reaches its sequence's end. On the GPU, steps
+made only of decodes replay a CUDA graph instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pixtral.engine.attention import PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.config import EngineConfig
+from pixtral.engine.kv_cache import PagedKVCache
+from pixtral.engine.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedKVCache, config: EngineConfig, max_model_len: int):
+        self.model, self.cache, self.config = model, cache, config
+        self.device = model.tok_embeddings.weight.device
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            from pixtral.engine.cuda_graphs import CudaGraphDecoder
+
+            self.graphs = CudaGraphDecoder(model, cache, min(config.max_graph_batch, config.max_num_seqs),
+                                           max_model_len)
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Images of any number of requests, in one packed vision pass -> features per image."""
+        counts = self.model.image_token_counts(images)
+        return list(self.model.encode_images(images).split(counts))
+
+    # ------------------------------------------------------------------ decoder
+    def forward(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
+        """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
+        if self.graphs is not None and all(c.length == 1 and c.samples and c.start >= c.request.prompt_len
+                                           for c in chunks) and self.graphs.fits(
+                len(chunks), max(c.start + 1 for c in chunks)):
+            return self._decode_with_graph(chunks)
+        ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
+                              for c in chunks])
+        h = self.model.tok_embeddings(torch.from_numpy(ids).to(self.device))
+        h = self._insert_image_features(h, chunks, features)
+        ctx = PagedAttention(self.cache, [SeqChunk(c.start, c.length, c.request.block_ids) for c in chunks],
+                             self.device)
+        hidden = self.model.hidden_states(h, ctx)
+        ends = np.cumsum([c.length for c in chunks]) - 1
+        rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
+        return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+
+    def _insert_image_features(self, h: torch.Tensor, chunks: list[ScheduledChunk],
+                               features: dict[bytes, torch.Tensor]) -> torch.Tensor:
+        """Replace the embeddings of prompt [IMG] slots by the image features, as `Pixtral.embed` does.
+
+        Only prompt slots take features: a generated [IMG] token keeps its plain embedding.
+        """
+        rows, masks = [], []
+        for c in chunks:
+            req, end = c.request, c.start + c.length
+            masks.append(req.image_slot_mask(c.start, end))
+            r0, r1 = req.image_rows(c.start, end)
+            for k in req.images_for_rows(r0, r1):
+                first = int(req.image_row_starts[k])
+                feats = features[req.image_hashes[k]]
+                rows.append(feats[max(r0, first) - first: min(r1, first + feats.shape[0]) - first])
+        if not rows:
+            return h
+        mask = torch.from_numpy(np.concatenate(masks)).to(self.device)
+        return h.masked_scatter(mask[:, None], torch.cat(rows).to(h.dtype))
+
+    def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        bs = self.cache.block_size
+        seqs = [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks]
+        return self.graphs.run(
+            ids=[c.request.token_ids[c.start] for c in chunks],
+            positions=[c.start for c in chunks],
+            slots=slot_mapping(seqs, bs).tolist(),
+            block_tables=[c.request.block_ids for c in chunks],
+            context_lens=[c.start + 1 for c in chunks],
+        )

@@ -1,0 +1,170 @@
+"""One request's state while the engine works on it.
+
+A request is a token sequence (prompt, then the tokens generated so far) of which the first
+`num_computed_tokens` have keys and values in the KV cache, in the blocks `block_ids`. Each
+step the scheduler picks how many of the remaining tokens to compute: all but the last few of
+a prompt (a prefill chunk), or the single newest token (a decode). Prefill and decode are the
+same operation, so preemption (drop the blocks, recompute later) needs no special case.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pixtral.engine.outputs import OutputDelta, TokenLogprob
+from pixtral.engine.prefix_cache import hash_block, hash_image
+from pixtral.generation.params import SamplingParams
+from pixtral.generation.sampling import make_generator
+from pixtral.generation.stop import StopStringMatcher
+
+
+@dataclass
+class Prompt:
+    """Token ids, with the preprocessed images whose [IMG] tokens they contain (in order)."""
+
+    token_ids: list[int]
+    images: list[torch.Tensor] = field(default_factory=list)
+    image_hashes: list[bytes] | None = None  # content hashes; computed when missing
+
+    def with_hashes(self) -> "Prompt":
+        if self.image_hashes is None:
+            self.image_hashes = [hash_image(img) for img in self.images]
+        return self
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: Prompt, params: SamplingParams, *, max_new_tokens: int,
+                 image_token_id: int | None, image_token_counts: list[int], stop_ids: set[int], decoder,
+                 image_related_ids: set[int] = frozenset()):
+        prompt.with_hashes()
+        self.request_id = request_id
+        self.params = params
+        self.prompt_len = len(prompt.token_ids)
+        self.token_ids: list[int] = list(prompt.token_ids)  # prompt, then generated tokens
+        self.images = prompt.images
+        self.image_hashes = prompt.image_hashes
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+
+        # Where image features go: img_cum[p] = number of [IMG] tokens before prompt position p,
+        # so a chunk [a, b) takes feature rows img_cum[a]:img_cum[b] of this request's images.
+        ids = np.asarray(prompt.token_ids, dtype=np.int64)
+        is_img = ids == image_token_id if image_token_id is not None else np.zeros(len(ids), dtype=bool)
+        self.img_cum = np.concatenate(([0], np.cumsum(is_img)))
+        self.image_row_starts = np.concatenate(([0], np.cumsum(image_token_counts, dtype=np.int64)))
+        # Usage counts every token that stands for an image: [IMG], and [IMG_BREAK] / [IMG_END].
+        related = np.asarray(sorted(set(image_related_ids) | ({image_token_id} - {None})), dtype=np.int64)
+        self.num_image_tokens = int(np.isin(ids, related).sum())
+
+        # Scheduling state.
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first admission)
+        self.num_preemptions = 0
+
+        # Output state.
+        self.num_generated = 0  # tokens sampled, including a stop token that is not returned
+        self.generator = make_generator(params.seed) if params.seed is not None and not params.greedy else None
+        self.decoder = decoder
+        self.stops = StopStringMatcher(params.stop)
+        self.finish_reason: str | None = None
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the KV cache."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    # ------------------------------------------------------------------ images
+    def image_rows(self, start: int, end: int) -> tuple[int, int]:
+        """Feature rows (over this request's images, concatenated) for tokens [start, end)."""
+        cap = self.prompt_len
+        return int(self.img_cum[min(start, cap)]), int(self.img_cum[min(end, cap)])
+
+    def images_for_rows(self, r0: int, r1: int) -> list[int]:
+        """Indices of the images that own any of the feature rows [r0, r1)."""
+        if r1 <= r0:
+            return []
+        starts = self.image_row_starts
+        first = int(np.searchsorted(starts, r0, side="right")) - 1
+        last = int(np.searchsorted(starts, r1, side="left")) - 1
+        return list(range(first, last + 1))
+
+    def image_slot_mask(self, start: int, end: int) -> np.ndarray:
+        """True where token i of [start, end) is a prompt [IMG] slot that takes a feature row."""
+        mask = np.zeros(end - start, dtype=bool)
+        cap = min(end, self.prompt_len)
+        if cap > start:
+            mask[: cap - start] = np.diff(self.img_cum[start: cap + 1]) > 0
+        return mask
+
+    # ------------------------------------------------------------------ prefix cache
+    def update_block_hashes(self, block_size: int) -> list[bytes]:
+        """Extend the chained hashes to every full block of tokens known so far."""
+        for b in range(len(self.block_hashes), self.num_tokens // block_size):
+            start, end = b * block_size, (b + 1) * block_size
+            images = self.images_for_rows(*self.image_rows(start, end))
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(
+                hash_block(parent, self.token_ids[start:end], [self.image_hashes[k] for k in images])
+            )
+        return self.block_hashes
+
+    # ------------------------------------------------------------------ outputs
+    def append_token(self, token: int, logprob: TokenLogprob | None) -> OutputDelta:
+        """Take a sampled token: stop ids, stop strings and max_tokens decide whether we are done."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.num_generated += 1
+        delta = OutputDelta(self.request_id, logprobs=[] if self.params.logprobs is not None else None)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"  # the stop token itself is not returned
+        else:
+            self.token_ids.append(token)
+            delta.token_ids.append(token)
+            if delta.logprobs is not None and logprob is not None:
+                delta.logprobs.append(logprob)
+            delta.text = self.stops.push(self.decoder.push(token))
+            if self.stops.stopped:
+                self.finish_reason = "stop"
+            elif self.num_generated >= self.max_new_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is not None:
+            delta.text += self.stops.push(self.decoder.flush()) + self.stops.flush()
+        return self.fill(delta)
+
+    def fill(self, delta: OutputDelta) -> OutputDelta:
+        delta.finish_reason = self.finish_reason
+        delta.num_prompt_tokens = self.prompt_len
+        delta.num_image_tokens = self.num_image_tokens
+        delta.num_cached_tokens = self.num_cached_tokens or 0
+        delta.num_generated_tokens = self.num_generated
+        return delta

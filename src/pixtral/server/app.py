@@ -1,0 +1,267 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes in front of an `AsyncEngine`.
+
+    POST /v1/chat/completions   chat, streamed (SSE) or not, with images as data: URIs
+    GET  /v1/models             the one served model
+    GET  /health                200 once the model is loaded, 503 before
+    GET  /metrics               Prometheus text
+
+Every error is OpenAI's JSON error shape with a status that says whose fault it is. The body
+is parsed here, not by FastAPI, so that size limits, invalid JSON and invalid fields each get
+their own clear message. A client that goes away cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pixtral.engine.async_engine import AsyncEngine, RequestStream
+from pixtral.engine.inputs import chat_prompt
+from pixtral.engine.outputs import RequestOutput
+from pixtral.errors import PixtralError
+from pixtral.processing.images import SERVER_POLICY, ImagePolicy
+from pixtral.server import metrics
+from pixtral.server.errors import APIError, error_body, from_pixtral_error
+from pixtral.server.protocol import (ChatCompletionRequest, ResponseMeta, chunk, completion_response, count_images,
+                                     logprobs_content, model_card, usage_chunk)
+
+log = logging.getLogger("pixtral.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "pixtral"
+    api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1/*
+    image_policy: ImagePolicy = SERVER_POLICY  # data: URIs only, unless remote images are allowed
+    max_images_per_request: int = 64
+    max_request_bytes: int = 100 * 2**20
+
+
+class ServerState:
+    """The engine once it is loaded. Until then (or if loading failed) requests get a 503."""
+
+    def __init__(self, engine: AsyncEngine | None = None):
+        self.engine = engine
+        self.load_error: str | None = None
+        self.errors: Counter[int] = Counter()
+
+    def load_in_background(self, loader: Callable[[], AsyncEngine],
+                           on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
+        def load() -> None:
+            try:
+                self.engine = loader()
+            except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
+                self.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PixtralError) else str(exc)
+                log.error("could not load the model: %s", self.load_error)
+                if on_error is not None:
+                    on_error(exc)
+
+        thread = threading.Thread(target=load, name="pixtral-load", daemon=True)
+        thread.start()
+        return thread
+
+    def require_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            if self.load_error:
+                raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+            raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "5"})
+        if not self.engine.alive:
+            raise APIError(503, f"the engine is not running ({self.engine.dead})", code="engine_unavailable")
+        return self.engine
+
+
+def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    app = FastAPI(title="pixtral", docs_url=None, redoc_url=None, openapi_url=None)
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        state.errors[exc.status] += 1
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return await api_error(request, APIError(exc.status_code, message))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(request, APIError(400, str(exc)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        state.errors[500] += 1
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"),
+                            status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state.require_engine()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def get_metrics() -> PlainTextResponse:
+        engine = state.engine
+        stats = engine.stats() if engine is not None else None
+        ready = engine is not None and engine.alive
+        return PlainTextResponse(metrics.render(stats, state.errors, ready), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_auth(request)
+        engine = state.engine
+        card = model_card(config.model_name, engine.max_model_len if engine is not None else None)
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        engine = state.require_engine()
+        req = parse_request(await read_json(request, config.max_request_bytes))
+        if req.model != config.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
+                           code="model_not_found", param="model")
+        req.unsupported()
+        n_images = count_images(req.messages)
+        if n_images > config.max_images_per_request:
+            raise APIError(400, f"the request has {n_images} images, over the limit of "
+                                f"{config.max_images_per_request} per request", code="too_many_images",
+                           param="messages")
+        try:
+            params = req.sampling_params()
+        except PixtralError as exc:
+            raise from_pixtral_error(exc) from None
+        try:
+            prompt = await run_in_threadpool(chat_prompt, engine.processor, req.messages, config.image_policy)
+        except PixtralError as exc:
+            raise from_pixtral_error(exc, param="messages") from None
+        try:
+            stream = engine.submit(prompt, params)
+        except PixtralError as exc:
+            raise from_pixtral_error(exc) from None
+        meta = ResponseMeta(config.model_name)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(stream, meta, include_usage, engine.processor),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        out = await result_unless_disconnected(request, stream)
+        if out is None:
+            return Response(status_code=499)  # nobody is listening any more
+        if out.error:
+            raise APIError(500, out.error, code="internal_error")
+        return JSONResponse(completion_response(meta, out, engine.processor))
+
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared)} bytes, over the limit of {limit}",
+                       code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def parse_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # The path to the bad field, without pydantic's union-member tags ("str", "list[str]").
+        where = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p)) or "body"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise APIError(400, f"'{where}': {first['msg']}{more}", code="invalid_request", param=where) from None
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, processor) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE]."""
+    try:
+        yield event(chunk(meta, {"role": "assistant", "content": ""}))
+        last = None
+        async for delta in stream:
+            last = delta
+            if delta.error:
+                yield event(error_body(500, delta.error, code="internal_error"))
+                break
+            if delta.text or delta.logprobs:
+                logprobs = {"content": logprobs_content(processor, delta.logprobs)} if delta.logprobs else None
+                yield event(chunk(meta, {"content": delta.text}, logprobs=logprobs))
+            if delta.finished:
+                yield event(chunk(meta, {}, finish_reason=delta.finish_reason))
+        if include_usage and last is not None and not last.error:
+            yield event(usage_chunk(meta, last))
+        yield "data: [DONE]\n\n"
+    except PixtralError as exc:  # the engine stopped under us
+        api = from_pixtral_error(exc)
+        yield event(api.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.abort()  # no-op when finished; frees the KV blocks of a client that went away
+
+
+async def result_unless_disconnected(request: Request, stream: RequestStream) -> RequestOutput | None:
+    """Wait for the whole answer, but give up (and abort the request) if the client disconnects."""
+    task = asyncio.ensure_future(stream.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    except PixtralError as exc:
+        raise from_pixtral_error(exc) from None
+    finally:
+        if not task.done():
+            task.cancel()
+        stream.abort()

@@ -1,0 +1,182 @@
+"""The engine's parts on their own: allocator, hashes, caches, attention contexts, scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import image_uri, user
+
+from pixtral.engine import LLM, Engine, EngineConfig, Prompt
+from pixtral.engine.attention import DecodeAttention, PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.block_allocator import NULL_BLOCK, BlockAllocator
+from pixtral.engine.encoder_cache import EncoderCache
+from pixtral.engine.inputs import chat_prompt
+from pixtral.engine.kv_cache import PagedKVCache
+from pixtral.engine.prefix_cache import hash_block, hash_image
+from pixtral.generation import SamplingParams
+from pixtral.model.attention import sdpa
+
+
+def test_block_allocator_refcounts_and_eviction_order():
+    alloc = BlockAllocator(6)
+    assert alloc.num_usable == 5 and alloc.num_free == 5
+    a = alloc.allocate(3)
+    assert NULL_BLOCK not in a and alloc.num_used == 3
+    alloc.register(a[0], b"h0")
+    alloc.register(a[1], b"h1")
+    assert alloc.lookup([b"h0", b"h1", b"h2"]) == a[:2]
+    alloc.share(a[:2])  # a second request on the same prefix
+    alloc.release(a)
+    assert alloc.num_used == 2  # still held by the sharer
+    alloc.release(a[:2])
+    assert alloc.num_used == 0 and alloc.num_cached == 2
+    # Uncached blocks are handed out before cached ones; cached ones tail first.
+    fresh = alloc.allocate(3)
+    assert a[0] not in fresh and a[1] not in fresh
+    alloc.allocate(1)
+    assert alloc.lookup([b"h0", b"h1"]) == [a[0]]  # h1 (the tail) was evicted first
+    with pytest.raises(RuntimeError):
+        alloc.allocate(2)
+
+
+def test_block_hashes_depend_on_image_content():
+    img1, img2 = torch.zeros(3, 16, 16), torch.zeros(3, 16, 16)
+    assert hash_image(img1) == hash_image(img2)
+    img2[0, 0, 0] = 1e-3
+    assert hash_image(img1) != hash_image(img2)
+    tokens = list(range(16))
+    assert hash_block(None, tokens, [hash_image(img1)]) != hash_block(None, tokens, [hash_image(img2)])
+    assert hash_block(b"x" * 16, tokens) != hash_block(b"y" * 16, tokens)
+
+
+def test_encoder_cache_evicts_least_recently_used():
+    cache = EncoderCache(capacity_tokens=10)
+    cache.put(b"a", torch.zeros(4, 2))
+    cache.put(b"b", torch.zeros(4, 2))
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"c", torch.zeros(4, 2))
+    assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"c") is not None
+
+
+def test_decode_attention_static_shapes_match_paged(model):
+    """The CUDA-graph decode context, run eagerly on the CPU, equals the per-sequence one."""
+    args = model.args
+    torch.manual_seed(0)
+    cache = PagedKVCache(args, 12, 4, torch.device("cpu"), torch.float32)
+    cache.k.zero_()
+    cache.v.zero_()
+    tables = [[3, 5, 1], [7], [2, 9, 10, 11]]
+    lengths = [9, 3, 12]  # tokens already cached before this step
+    for layer in range(args.n_layers):
+        for table, n in zip(tables, lengths):
+            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
+            k_flat, v_flat = cache.layer(layer)
+            k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+            v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+    q = torch.randn(3, args.n_heads, args.head_dim)
+    k = torch.randn(3, args.n_kv_heads, args.head_dim)
+    v = torch.randn(3, args.n_kv_heads, args.head_dim)
+    chunks = [SeqChunk(n, 1, t) for n, t in zip(lengths, tables)]
+    paged = PagedAttention(cache, chunks, torch.device("cpu")).attend(0, q, k, v)
+    # Static: batch padded to 4 rows, block tables to width 4; the pad row uses the null block.
+    width = 4
+    table = torch.zeros(4, width, dtype=torch.long)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t)
+    slots = torch.tensor(slot_mapping(chunks, 4).tolist() + [0])
+    ctx = DecodeAttention(cache, torch.tensor(lengths + [0]), slots, table, torch.tensor([n + 1 for n in lengths] + [1]))
+    pad = lambda t: torch.cat([t, torch.zeros(1, *t.shape[1:])])
+    static = ctx.attend(0, pad(q), pad(k), pad(v))[:3]
+    torch.testing.assert_close(static, paged, rtol=1e-5, atol=1e-5)
+    # And both equal plain attention over the sequence's keys.
+    k_flat, v_flat = cache.layer(0)
+    for i, (t, n) in enumerate(zip(tables, lengths)):
+        s = torch.from_numpy(slot_mapping([SeqChunk(0, n + 1, t)], 4))
+        torch.testing.assert_close(paged[i: i + 1], sdpa(q[i: i + 1], k_flat[s], v_flat[s]))
+
+
+def test_long_prefill_does_not_stall_decodes(model, processor):
+    engine = Engine(model, processor, EngineConfig(num_blocks=128, max_num_batched_tokens=32, max_num_seqs=4))
+    engine.add_request(chat_prompt(processor, [user("hi")]), SamplingParams(temperature=0, max_tokens=40))
+    while not any(d.token_ids for d in engine.step()):
+        pass  # the short request is decoding now
+    long_prompt = chat_prompt(processor, [user("Look closely. " * 40, image_uri(7, (128, 128)))])
+    assert len(long_prompt.token_ids) > 190
+    engine.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=2), request_id="long")
+    steps = 0
+    while engine.requests["long"].num_computed_tokens < len(long_prompt.token_ids):
+        deltas = engine.step()
+        steps += 1
+        assert any(d.request_id != "long" and d.token_ids for d in deltas)  # the decode went on
+    assert steps >= 190 // 32
+
+
+def test_images_of_several_requests_are_encoded_in_one_pass(model, processor, monkeypatch):
+    llm = LLM.from_model(model, processor, num_blocks=256)
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda images: calls.append(len(images)) or original(images))
+    convs = [[user(f"Picture {i}", image_uri(40 + i))] for i in range(5)]
+    llm.chat(convs, SamplingParams(temperature=0, max_tokens=2))
+    assert calls == [5]
+    llm.chat(convs[:2], SamplingParams(temperature=0, max_tokens=2))  # repeated images: reused
+    assert calls == [5]
+
+
+def test_abort_frees_blocks_at_once(model, processor):
+    engine = Engine(model, processor, EngineConfig(num_blocks=64))
+    rid = engine.add_request(chat_prompt(processor, [user("Tell me a story. " * 10)]),
+                             SamplingParams(temperature=0, max_tokens=100))
+    engine.step()
+    engine.step()
+    assert engine.stats().kv_blocks_used > 0 and engine.stats().num_running == 1
+    assert engine.abort(rid)
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+    assert not engine.abort(rid)
+
+
+def test_bad_prompts_are_refused(model, processor):
+    engine = Engine(model, processor, EngineConfig(num_blocks=64))
+    ok = SamplingParams(max_tokens=2)
+    with pytest.raises(Exception, match="empty"):
+        engine.check(Prompt([]), ok)
+    with pytest.raises(Exception, match="IMG"):
+        engine.check(Prompt([1, model.image_token_id, 5]), ok)  # an [IMG] slot with no image
+    with pytest.raises(Exception, match="token ids"):
+        engine.check(Prompt([1, 10**9]), ok)
+
+
+def test_cuda_graph_decoder_inputs_on_cpu(model, processor, monkeypatch):
+    """The graph decoder's bucketing, padding and static buffers, with 'graphs' that run eagerly.
+
+    Capturing needs CUDA; everything around it (what the captured step reads and writes) is
+    checked here: the greedy tokens equal the reference loop's.
+    """
+    from pixtral.engine.cuda_graphs import CudaGraphDecoder
+    from pixtral.generation import chat
+
+    class EagerGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    llm = LLM.from_model(model, processor, num_blocks=256, enable_prefix_caching=False)
+    llm.engine.cache.k.zero_()  # as on the GPU: masked slots are read, so they must hold finite values
+    llm.engine.cache.v.zero_()
+    decoder = CudaGraphDecoder(model, llm.engine.cache, max_batch=8, max_model_len=1024, max_gather_tokens=2**12)
+    captured = []
+
+    def capture(batch, width):
+        captured.append((batch, width))
+        graph = decoder.graphs[(batch, width)] = EagerGraph(lambda: decoder._forward(batch, width))
+        return graph
+
+    monkeypatch.setattr(decoder, "_capture", capture)
+    llm.engine.runner.graphs = decoder
+    convs = [[user(f"Question {i}?" + " more" * (i * 7), *([image_uri(i)] if i % 2 else []))] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    outs = llm.chat(convs, params)
+    for conv, out in zip(convs, outs):
+        assert out.outputs[0].token_ids == chat(model, processor, conv, params).token_ids
+    assert captured and all(b in decoder.batch_sizes and w >= 16 for b, w in captured)
+    assert (8, 16) in captured or (4, 16) in captured  # padded batches were used
+    assert not decoder.fits(9, 10) and not decoder.fits(8, 1024)  # too many rows / too many gathered tokens

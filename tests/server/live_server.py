@@ -1,0 +1,62 @@
+"""A live server: uvicorn in a thread, on a free port, over an engine; and helpers to read its metrics."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from pixtral.engine import AsyncEngine, Engine, EngineConfig
+from pixtral.server import ServerConfig, ServerState, build_app
+
+MODEL_NAME = "tiny-pixtral"
+
+
+class LiveServer:
+    def __init__(self, app):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Wait until no request runs or waits; return the metrics then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["pixtral_requests_running"] == 0 and m["pixtral_requests_waiting"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"still busy: {m}"
+        time.sleep(0.05)
+
+
+def start(model, processor, engine_config: EngineConfig, **server_options) -> tuple[LiveServer, AsyncEngine]:
+    engine = AsyncEngine(Engine(model, processor, engine_config))
+    options = {"model_name": MODEL_NAME, "max_images_per_request": 4, "max_request_bytes": 2 * 2**20,
+               **server_options}
+    return LiveServer(build_app(ServerState(engine), ServerConfig(**options))), engine
