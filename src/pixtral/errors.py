@@ -17,6 +17,10 @@ class ImageError(PixtralError, ValueError):
     """An image cannot be loaded: missing, not an image, truncated, too large, not allowed."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image is over a pixel or byte limit (HTTP 413 in the server)."""
+
+
 class RequestError(PixtralError, ValueError):
     """A chat request (messages, sampling parameters) is invalid."""
 

@@ -109,3 +109,19 @@ def test_stream_decoder_handles_split_utf8(processor):
     ids = processor.encode_text("汉字 🙂 naïve")
     d = processor.stream_decoder()
     assert "".join(d.push(t) for t in ids) + d.flush() == "汉字 🙂 naïve"
+
+
+def test_generated_img_token_is_plain_text(model, processor):
+    """If the model emits [IMG] (id 10), the next step embeds it as text instead of failing."""
+    biased = random_model("tiny", std=0.1)
+    bias = torch.zeros(biased.args.vocab_size)
+    bias[10] = 1e4  # make [IMG] the greedy choice at every step
+    plain_logits = biased.logits
+    biased.logits = lambda hidden: plain_logits(hidden) + bias
+    result = chat(biased, processor, MESSAGES, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert result.token_ids[0] == 10 and len(result.token_ids) == 3
+
+
+def test_seed_range_is_checked():
+    with pytest.raises(RequestError, match="64-bit integer"):
+        SamplingParams(seed=2**70)

@@ -86,8 +86,6 @@ class Engine:
         engine state, so any thread may call it.
         """
         params.validate()
-        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
-            raise RequestError(f"'seed' must be a 64-bit integer, got {params.seed}")
         ids = prompt.token_ids
         vocab = self.model.args.vocab_size
         if not isinstance(ids, list) or not ids:

@@ -57,7 +57,8 @@ def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: Samp
         yield token, logits
         if token in stop_ids or i == max_new - 1:
             return
-        h = model.embed(torch.tensor([token], device=device))
+        # A generated token is plain text to the model, even if it happens to be [IMG].
+        h = model.tok_embeddings(torch.tensor([token], device=device))
         logits = model.logits(model.hidden_states(h, cache.step(1))[-1])
 
 

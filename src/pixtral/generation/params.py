@@ -36,8 +36,8 @@ class SamplingParams:
             raise RequestError(f"'top_k' must be an integer >= -1, got {self.top_k!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise RequestError(f"'max_tokens' must be a positive integer, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise RequestError(f"'seed' must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise RequestError(f"'seed' must be a 64-bit integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError("'stop' must be a non-empty string or a list of them")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urljoin, urlparse
 
 from PIL import Image
 
-from pixtral.errors import ImageError
+from pixtral.errors import ImageError, ImageTooLargeError
 
 # PIL's own decompression-bomb threshold: 1024 * 1024 * 1024 // 4 // 3 ≈ 89.5 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -92,7 +92,7 @@ def decode_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLIC
         # PIL refuses before we see the size; its message carries the pixel count.
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)) / 1e6:.1f} megapixels, " if found else ""
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name}: image is too large ({size}over the limit of {policy.max_pixels / 1e6:.1f} megapixels)"
         ) from None
     except Image.UnidentifiedImageError:
@@ -107,7 +107,7 @@ def _check_pixels(image: Image.Image, name: str, policy: ImagePolicy) -> None:
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: image has no pixels ({w}x{h})")
     if w * h > policy.max_pixels:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
             f"{policy.max_pixels / 1e6:.1f} megapixels"
         )
@@ -118,7 +118,7 @@ def _decode_data_uri(uri: str, policy: ImagePolicy) -> bytes:
     if not sep:
         raise ImageError("data URI has no ',' separating header and data")
     if len(payload) > policy.max_bytes * 4 // 3 + 4:
-        raise ImageError(f"data URI is larger than the limit of {policy.max_bytes} bytes")
+        raise ImageTooLargeError(f"data URI is larger than the limit of {policy.max_bytes} bytes")
     if ";base64" not in header.lower():
         return unquote(payload).encode("latin-1", errors="replace")
     try:
@@ -139,7 +139,7 @@ def _read_local(source: str, policy: ImagePolicy) -> bytes:
         raise ImageError(f"{path}: not a file")
     size = path.stat().st_size
     if size > policy.max_bytes:
-        raise ImageError(f"{path}: file is {size} bytes, over the limit of {policy.max_bytes}")
+        raise ImageTooLargeError(f"{path}: file is {size} bytes, over the limit of {policy.max_bytes}")
     return path.read_bytes()
 
 
@@ -181,7 +181,7 @@ def _fetch_remote(url: str, policy: ImagePolicy) -> bytes:
                         raise ImageError(f"{url}: download took longer than {policy.timeout_s:g} s")
                     total += len(chunk)
                     if total > policy.max_bytes:
-                        raise ImageError(f"{url}: image is larger than the limit of {policy.max_bytes} bytes")
+                        raise ImageTooLargeError(f"{url}: image is larger than the limit of {policy.max_bytes} bytes")
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.TimeoutException:

@@ -153,7 +153,7 @@ class Processor:
         try:
             return load_image(ref, policy)
         except ImageError as exc:
-            raise ImageError(f"{here}: {exc}") from None
+            raise type(exc)(f"{here}: {exc}") from None  # keep the subtype (e.g. too large)
 
     def encode_document(self, parts: list[dict[str, Any]], policy: ImagePolicy | None = None
                         ) -> tuple[list[int], list[torch.Tensor], list[bool]]:

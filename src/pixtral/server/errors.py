@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from pixtral.errors import ContextLengthError, ImageError, RequestError
+from pixtral.errors import ContextLengthError, ImageError, ImageTooLargeError, RequestError
 
 TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -40,11 +40,6 @@ def error_body(status: int, message: str, *, code: str | None = None, param: str
                       "param": param, "code": code}}
 
 
-def _too_large(message: str) -> bool:
-    # ImageError has no subtypes; its size-limit messages all say so in these words.
-    return any(s in message for s in ("over the limit", "larger than the limit", "too large"))
-
-
 def from_pixtral_error(exc: Exception, param: str | None = None) -> APIError:
     """Map the library's user-facing errors to HTTP (`param`: the request field at fault, if known)."""
     from pixtral.engine.async_engine import EngineDeadError, QueueFullError
@@ -53,7 +48,7 @@ def from_pixtral_error(exc: Exception, param: str | None = None) -> APIError:
     if isinstance(exc, ContextLengthError):
         return APIError(400, message, code="context_length_exceeded", param="messages")
     if isinstance(exc, ImageError):
-        if _too_large(message):
+        if isinstance(exc, ImageTooLargeError):
             return APIError(413, message, code="image_too_large", param="messages")
         return APIError(400, message, code="invalid_image", param="messages")
     if isinstance(exc, RequestError):
