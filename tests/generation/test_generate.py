@@ -92,7 +92,7 @@ def test_stop_string_matcher_across_pieces():
 
 
 def test_context_limit_is_a_clear_error(model, processor):
-    with pytest.raises(ContextLengthError, match="over the model's context length of 131072"):
+    with pytest.raises(ContextLengthError, match="but the model's context length is 131072"):
         chat(model, processor, MESSAGES, SamplingParams(max_tokens=131072))
 
 

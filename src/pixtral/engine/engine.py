@@ -25,7 +25,8 @@ from pixtral.engine.outputs import OutputDelta
 from pixtral.engine.request import Prompt, Request
 from pixtral.engine.sampler import Sampler
 from pixtral.engine.scheduler import ScheduledChunk, Scheduler
-from pixtral.errors import ContextLengthError, RequestError
+from pixtral.errors import RequestError
+from pixtral.generation.generate import max_new_tokens
 from pixtral.generation.params import SamplingParams
 
 log = logging.getLogger("pixtral.engine")
@@ -106,20 +107,11 @@ class Engine:
                 f"the prompt has {n_slots} [IMG] tokens but its {len(counts)} image(s) fill {sum(counts)}; "
                 "encode prompts and images together with the processor"
             )
-        n = len(ids)
         limit, what = self.max_model_len, f"the model's context length is {self.max_model_len}"
         if self.kv_capacity < limit:
             limit, what = self.kv_capacity, (f"the KV cache holds only {self.kv_capacity} tokens "
                                              "(give the engine more KV-cache memory)")
-        if n >= limit:
-            raise ContextLengthError(f"the prompt has {n} tokens, but {what}")
-        budget = limit - n
-        if params.max_tokens is not None and params.max_tokens > budget:
-            raise ContextLengthError(
-                f"the prompt has {n} tokens and max_tokens is {params.max_tokens}: {n + params.max_tokens} tokens, "
-                f"but {what}"
-            )
-        return params.max_tokens or budget, counts
+        return max_new_tokens(len(ids), params, limit, what), counts
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         max_new, counts = self.check(prompt, params)

@@ -26,15 +26,20 @@ class Completion:
     image_tokens: int = 0
 
 
-def _max_new_tokens(model, prompt_len: int, params: SamplingParams) -> int:
-    limit = model.args.max_seq_len
+def max_new_tokens(prompt_len: int, params: SamplingParams, limit: int,
+                   what: str | None = None) -> int:
+    """How many tokens may follow a prompt under a context `limit`; a clear error if none may.
+
+    `what` says where the limit comes from (default: the model's context length).
+    """
+    what = what or f"the model's context length is {limit}"
     if prompt_len >= limit:
-        raise ContextLengthError(f"the prompt has {prompt_len} tokens, but the model's context length is {limit}")
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens, but {what}")
     budget = limit - prompt_len
     if params.max_tokens is not None and params.max_tokens > budget:
         raise ContextLengthError(
-            f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}, over the model's "
-            f"context length of {limit}"
+            f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: "
+            f"{prompt_len + params.max_tokens} tokens, but {what}"
         )
     return params.max_tokens or budget
 
@@ -44,7 +49,7 @@ def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: Samp
                  eos_id: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logits) for each generated token; EOS is yielded too, then the loop ends."""
     device = model.tok_embeddings.weight.device
-    max_new = _max_new_tokens(model, len(ids), params)
+    max_new = max_new_tokens(len(ids), params, model.args.max_seq_len)
     cache = KVCache(model.args, len(ids) + max_new, device, model.tok_embeddings.weight.dtype,
                     initial=len(ids) + min(max_new, 256))
     generator = make_generator(params.seed)
