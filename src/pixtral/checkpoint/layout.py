@@ -31,6 +31,22 @@ class KeySpec:
     head_dim: int = 0
 
 
+def _block_specs(m: str, h: str, *, attn: str, norms: tuple[str, str], ffn: str,
+                 q_heads: int, kv_heads: int, head_dim: int) -> list[KeySpec]:
+    """One transformer block: Mistral names under prefix m, HF names under prefix h."""
+    return [
+        KeySpec(m + "attention.wq.weight", f"{h}{attn}.q_proj.weight", q_heads, head_dim),
+        KeySpec(m + "attention.wk.weight", f"{h}{attn}.k_proj.weight", kv_heads, head_dim),
+        KeySpec(m + "attention.wv.weight", f"{h}{attn}.v_proj.weight"),
+        KeySpec(m + "attention.wo.weight", f"{h}{attn}.o_proj.weight"),
+        KeySpec(m + "attention_norm.weight", f"{h}{norms[0]}.weight"),
+        KeySpec(m + "ffn_norm.weight", f"{h}{norms[1]}.weight"),
+        KeySpec(m + "feed_forward.w1.weight", f"{h}{ffn}.gate_proj.weight"),
+        KeySpec(m + "feed_forward.w2.weight", f"{h}{ffn}.down_proj.weight"),
+        KeySpec(m + "feed_forward.w3.weight", f"{h}{ffn}.up_proj.weight"),
+    ]
+
+
 def key_specs(args: ModelArgs) -> list[KeySpec]:
     """Every parameter of the model, in both layouts."""
     specs = [
@@ -39,18 +55,11 @@ def key_specs(args: ModelArgs) -> list[KeySpec]:
         KeySpec("output.weight", "language_model.lm_head.weight"),
     ]
     for i in range(args.n_layers):
-        m, h = f"layers.{i}.", f"language_model.model.layers.{i}."
-        specs += [
-            KeySpec(m + "attention.wq.weight", h + "self_attn.q_proj.weight", args.n_heads, args.head_dim),
-            KeySpec(m + "attention.wk.weight", h + "self_attn.k_proj.weight", args.n_kv_heads, args.head_dim),
-            KeySpec(m + "attention.wv.weight", h + "self_attn.v_proj.weight"),
-            KeySpec(m + "attention.wo.weight", h + "self_attn.o_proj.weight"),
-            KeySpec(m + "attention_norm.weight", h + "input_layernorm.weight"),
-            KeySpec(m + "ffn_norm.weight", h + "post_attention_layernorm.weight"),
-            KeySpec(m + "feed_forward.w1.weight", h + "mlp.gate_proj.weight"),
-            KeySpec(m + "feed_forward.w2.weight", h + "mlp.down_proj.weight"),
-            KeySpec(m + "feed_forward.w3.weight", h + "mlp.up_proj.weight"),
-        ]
+        specs += _block_specs(
+            f"layers.{i}.", f"language_model.model.layers.{i}.", attn="self_attn",
+            norms=("input_layernorm", "post_attention_layernorm"), ffn="mlp",
+            q_heads=args.n_heads, kv_heads=args.n_kv_heads, head_dim=args.head_dim,
+        )
     v = args.vision
     if v is None:
         return specs
@@ -59,18 +68,12 @@ def key_specs(args: ModelArgs) -> list[KeySpec]:
         KeySpec("vision_encoder.ln_pre.weight", "vision_tower.ln_pre.weight"),
     ]
     for i in range(v.num_hidden_layers):
-        m, h = f"vision_encoder.transformer.layers.{i}.", f"vision_tower.transformer.layers.{i}."
-        specs += [
-            KeySpec(m + "attention.wq.weight", h + "attention.q_proj.weight", v.num_attention_heads, v.head_dim),
-            KeySpec(m + "attention.wk.weight", h + "attention.k_proj.weight", v.num_attention_heads, v.head_dim),
-            KeySpec(m + "attention.wv.weight", h + "attention.v_proj.weight"),
-            KeySpec(m + "attention.wo.weight", h + "attention.o_proj.weight"),
-            KeySpec(m + "attention_norm.weight", h + "attention_norm.weight"),
-            KeySpec(m + "ffn_norm.weight", h + "ffn_norm.weight"),
-            KeySpec(m + "feed_forward.w1.weight", h + "feed_forward.gate_proj.weight"),
-            KeySpec(m + "feed_forward.w2.weight", h + "feed_forward.down_proj.weight"),
-            KeySpec(m + "feed_forward.w3.weight", h + "feed_forward.up_proj.weight"),
-        ]
+        # The HF vision tower keeps Mistral's module names; only the projection leaves change.
+        specs += _block_specs(
+            f"vision_encoder.transformer.layers.{i}.", f"vision_tower.transformer.layers.{i}.", attn="attention",
+            norms=("attention_norm", "ffn_norm"), ffn="feed_forward",
+            q_heads=v.num_attention_heads, kv_heads=v.num_attention_heads, head_dim=v.head_dim,
+        )
     if v.add_pre_mm_projector_layer_norm:
         specs.append(KeySpec("pre_mm_projector_norm.weight", "multi_modal_projector.norm.weight"))
     if v.uses_patch_merger:
