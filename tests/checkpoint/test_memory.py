@@ -1,41 +1,55 @@
-"""Loading streams tensors: peak memory stays near one copy of the model, never two."""
+"""Loading streams tensors: at most one tensor is read from disk and not yet in the model.
+
+(A resident-memory reading was tried first; on this shared machine it was too noisy to tell one
+copy from two, so the property is checked directly on the loader.)
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import torch
 
-WRITE = textwrap.dedent("""
-    import sys, torch
-    from pixtral.checkpoint import save_model
-    from pixtral.model import Pixtral
-    from pixtral.model.args import ModelArgs, VisionArgs
-    args = ModelArgs(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=131072,
-                     vision=VisionArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2))
-    save_model(Pixtral(args).to(torch.bfloat16), sys.argv[1])  # ~130 MB of weights
-""")
-
-PROBE = textwrap.dedent("""
-    import resource, sys, torch
-    from pixtral.checkpoint import load_model
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    base = rss()
-    model = load_model(sys.argv[1], dtype=torch.bfloat16)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(peak - base, size)
-""")
+from pixtral.checkpoint import load_model, loader, save_model
+from tests.conftest import random_model
 
 
-def test_peak_memory_below_one_and_a_half_copies(tmp_path):
-    # Both steps run in fresh processes so the test process's own memory cannot blur the reading.
-    path = tmp_path / "m"
-    subprocess.run([sys.executable, "-c", WRITE, str(path)], check=True)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, check=True)
-    growth, size = map(int, out.stdout.split())
-    assert size > 100 * 2**20
-    assert growth < 1.5 * size, f"loading grew memory by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+def test_at_most_one_tensor_in_flight(tmp_path, monkeypatch):
+    path = save_model(random_model("tiny"), tmp_path / "m", layout="hf")  # HF: permutation on the way in
+    in_flight, peak, largest = [0], [0], [0]
+    real_open, real_set = loader.safe_open, loader._set_parameter
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self._handle = real_open(*args, **kwargs)
+
+        def get_tensor(self, name):
+            t = self._handle.get_tensor(name)
+            in_flight[0] += t.numel() * t.element_size()
+            peak[0] = max(peak[0], in_flight[0])
+            largest[0] = max(largest[0], t.numel() * t.element_size())
+            return t
+
+    def counting_set(model, name, value):
+        in_flight[0] -= value.numel() * value.element_size()
+        real_set(model, name, value)
+
+    monkeypatch.setattr(loader, "safe_open", CountingHandle)
+    monkeypatch.setattr(loader, "_set_parameter", counting_set)
+    model = load_model(path, dtype=torch.float32)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert in_flight[0] == 0
+    assert peak[0] == largest[0] < total / 2
+
+
+def test_model_is_built_without_allocating(monkeypatch, tmp_path):
+    """The model skeleton lives on the meta device: parameters only ever exist once, loaded."""
+    path = save_model(random_model("tiny"), tmp_path / "m")
+    devices = []
+    real_set = loader._set_parameter
+
+    def spy(model, name, value):
+        devices.append(model.get_submodule(name.rpartition(".")[0])._parameters[name.rpartition(".")[2]].device.type)
+        real_set(model, name, value)
+
+    monkeypatch.setattr(loader, "_set_parameter", spy)
+    load_model(path)
+    assert devices and set(devices) == {"meta"}
