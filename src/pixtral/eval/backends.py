@@ -206,6 +206,9 @@ class LocalBackend:
 
     def close(self) -> None:
         self._queue.put(None)
+        # Let the engine thread finish before the interpreter exits: a thread still inside
+        # torch at shutdown aborts the process.
+        self._thread.join(timeout=60)
 
     def _loop(self) -> None:
         while True:

@@ -1,0 +1,160 @@
+"""Training configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pixtral.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    init: str = "preset:tiny"  # "preset:NAME" (from scratch) or a checkpoint directory (either layout)
+    args: dict = field(default_factory=dict)  # ModelArgs overrides for a preset; vision fields under "vision"
+    tokenizer: str | None = None  # tekken.json; default: the checkpoint's own, or mistral-common's
+    tokenizer_ranks: int | None = None  # from scratch: a reduced Tekken with this many BPE ranks
+
+
+@dataclass
+class DataConfig:
+    train: list = field(default_factory=list)  # JSONL files
+    val: list = field(default_factory=list)
+    format: str = "auto"  # chat | document | auto (per line)
+    seq_len: int = 2048  # tokens per packed sequence; longer samples are skipped and reported
+    on_error: str = "skip"  # skip | fail
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    vision_encoder: bool = False
+    adapter: bool = False
+    merge: bool = True  # final save: merged full model (True) and always the adapters alone
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    vision_lr_scale: float = 1.0  # lr multiplier for the vision encoder, adapter and patch merger
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: list = field(default_factory=list)  # any of: vision_encoder, adapter, decoder
+    steps: int = 100
+    micro_batch_size: int = 1  # packed sequences per forward pass, per process
+    grad_accum: int = 1  # forward passes per optimizer step, per process
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast to bfloat16 on GPU (CPU always runs float32)
+    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
+    save_every: int = 100  # steps between resumable checkpoints (0: only at the end)
+    eval_every: int = 100  # steps between validations (0: never)
+    val_batches: int = 20  # packed sequences per validation
+    log_every: int = 10
+    save_dtype: str = "float32"  # dtype of the final model files
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+        if not self.data.train:
+            raise ConfigError("config: 'data.train' lists no training file")
+        bad = set(self.freeze) - {"vision_encoder", "adapter", "decoder"}
+        if bad:
+            raise ConfigError(f"config: unknown 'freeze' entries {sorted(bad)} (use vision_encoder, adapter, decoder)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"config: 'parallel' must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"config: 'save_dtype' must be float32, bfloat16 or float16, got {self.save_dtype!r}")
+        if self.data.on_error not in ("skip", "fail"):
+            raise ConfigError(f"config: 'data.on_error' must be 'skip' or 'fail', got {self.data.on_error!r}")
+
+
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    where = f"{source}: {prefix.rstrip('.') or 'top level'}"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, source, f"{prefix}{name}.")
+            continue
+        if isinstance(default, list) and isinstance(value, str):
+            value = [value]
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
+            except ValueError:
+                pass
+        if default is not None and value is not None and not isinstance(value, type(default)):
+            raise ConfigError(f"{source}: {prefix}{name}: expected {type(default).__name__}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """'optim.lr=1e-4' -> tree['optim']['lr'] = 1e-4 (the value is parsed as YAML)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        where = str(path)
+    else:
+        where = "config"
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    cfg = _build(TrainConfig, tree, where)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,431 @@
+"""The training loop: packed samples, masked loss, AdamW + warmup-cosine, resumable checkpoints.
+
+One optimizer step consumes `micro_batch_size * grad_accum * world_size` packed sequences
+(the global batch). The loss is the sum of token losses over the whole global batch divided
+by its number of target tokens, whatever the split across processes and micro-batches, so
+1 process with accumulation and N processes give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pixtral.errors import ConfigError
+from pixtral.model.args import ModelArgs, VisionArgs, preset
+from pixtral.model.attention import PackedCausal
+from pixtral.model.pixtral import Pixtral
+from pixtral.train import distributed
+from pixtral.train.config import TrainConfig, to_dict
+from pixtral.train.data import Example, load_files, load_images
+from pixtral.train.lora import LoRALinear, apply_lora, export_lora, merge_lora
+from pixtral.train.metrics import MetricsLog, plot_losses
+from pixtral.train.packing import PackedStream
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------- model
+class LossModel(nn.Module):
+    """Pixtral + the masked next-token loss, as one forward (what DDP/FSDP wrap)."""
+
+    def __init__(self, model: Pixtral):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, images, seqlens, target_pos, targets):
+        m = self.model
+        features = m.encode_images(images) if images else None
+        h = m.embed(ids, features)
+        hidden = m.hidden_states(h, PackedCausal(seqlens, device=ids.device))
+        logits = m.logits(hidden[target_pos])  # only where there is a target: saves the vocab GEMM
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def model_args_from(cfg: TrainConfig) -> ModelArgs:
+    name = cfg.model.init.removeprefix("preset:")
+    args = preset(name)
+    over = dict(cfg.model.args)
+    vision_over = over.pop("vision", None) or {}
+    if cfg.model.tokenizer_ranks and "vocab_size" not in over:
+        over["vocab_size"] = 1000 + cfg.model.tokenizer_ranks
+    try:
+        args = dataclasses.replace(args, **over)
+        if vision_over:
+            args.vision = dataclasses.replace(args.vision or VisionArgs(), **vision_over)
+    except TypeError as exc:
+        raise ConfigError(f"config: model.args: {exc}") from None
+    args.validate("config model.args")
+    return args
+
+
+def init_weights(model: Pixtral) -> None:
+    """GPT-style init for training from scratch: N(0, 0.02), residual outputs scaled by depth."""
+    std = 0.02
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        s = std
+        if name.endswith(("wo.weight", "w2.weight")):
+            depth = model.args.n_layers if name.startswith("layers.") else model.args.vision.num_hidden_layers
+            s = std / math.sqrt(2 * depth)
+        nn.init.normal_(p, 0.0, s)
+
+
+def build_model(cfg: TrainConfig, out: Path, main: bool):
+    """(model on CPU in float32, processor, tokenizer file)."""
+    from pixtral.checkpoint import load_model
+    from pixtral.processing import Processor, load_processor
+    from pixtral.processing.loading import write_tokenizer_for
+    from pixtral.train.tokenizer import write_small_tekken
+
+    init = cfg.model.init
+    if init.startswith("preset:"):
+        args = model_args_from(cfg)
+        model = Pixtral(args)
+        init_weights(model)
+        tok = out / "tekken.json"
+        if cfg.model.tokenizer:
+            tok = Path(cfg.model.tokenizer)
+        elif main:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.model.tokenizer_ranks:
+                write_small_tekken(cfg.model.tokenizer_ranks, tok, args.vision)
+            else:
+                write_tokenizer_for(args, tok)
+        _barrier()
+    else:
+        model = load_model(init, "cpu", torch.float32)
+        model.requires_grad_(True)
+        model.train()
+        tok = Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(init) / "tekken.json"
+        if not tok.is_file():  # a checkpoint without tekken.json: the matching shipped tokenizer
+            processor = load_processor(init)
+            return model, processor, None
+    processor = Processor.from_file(tok)
+    if processor.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"{tok}: tokenizer has {processor.vocab_size} ids but the model only {model.args.vocab_size}")
+    return model, processor, tok
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def freeze(model: Pixtral, parts: list[str]) -> None:
+    groups = {
+        "vision_encoder": ["vision_encoder", "pre_mm_projector_norm"],
+        "adapter": ["vision_language_adapter", "patch_merger"],
+        "decoder": ["tok_embeddings", "layers", "norm", "output"],
+    }
+    for part in parts:
+        for name in groups[part]:
+            if hasattr(model, name):
+                getattr(model, name).requires_grad_(False)
+
+
+VISION_PREFIXES = ("vision_encoder.", "pre_mm_projector_norm.", "patch_merger.", "vision_language_adapter.")
+
+
+def param_groups(wrapped: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Weight decay on matrices only; the vision path may get its own learning rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in wrapped.named_parameters():
+        if p.requires_grad:
+            name = name.removeprefix("module.").removeprefix("model.")
+            groups.setdefault((name.startswith(VISION_PREFIXES), p.dim() >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+             "lr": cfg.optim.lr * (cfg.optim.vision_lr_scale if vision else 1.0)}
+            for (vision, decay), ps in sorted(groups.items())]
+
+
+# ---------------------------------------------------------------------- batches
+def make_batch(examples: list[Example], processor, device):
+    ids, seqlens, pos, targets, images, offset = [], [], [], [], [], 0
+    for ex in examples:
+        inputs = ex.ids[:-1]
+        ids += inputs
+        seqlens.append(len(inputs))
+        for j, (tgt, on) in enumerate(zip(ex.ids[1:], ex.mask[1:])):
+            if on:
+                pos.append(offset + j)
+                targets.append(tgt)
+        offset += len(inputs)
+        images += load_images(processor, ex)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return as_long(ids), [im.to(device) for im in images], seqlens, as_long(pos), as_long(targets)
+
+
+def n_targets(ex: Example) -> int:
+    return sum(ex.mask[1:])
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+# ---------------------------------------------------------------------- state
+def _full_state(wrapped: nn.Module, optimizer, cfg: TrainConfig, d) -> tuple[dict, dict]:
+    if d.enabled and cfg.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    module = wrapped.module if hasattr(wrapped, "module") else wrapped
+    return module.state_dict(), optimizer.state_dict()
+
+
+def _load_state(wrapped: nn.Module, optimizer, model_sd, optim_sd, cfg: TrainConfig, d) -> None:
+    if d.enabled and cfg.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(wrapped, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    module = wrapped.module if hasattr(wrapped, "module") else wrapped
+    module.load_state_dict(model_sd)
+    optimizer.load_state_dict(optim_sd)
+
+
+def save_checkpoint(path: Path, wrapped, optimizer, scheduler, step: int, cfg: TrainConfig, d) -> None:
+    """Written to a temporary file and renamed: a kill at any moment leaves the old or the new one."""
+    model_sd, optim_sd = _full_state(wrapped, optimizer, cfg, d)
+    if d.main:
+        state = {
+            "step": step,
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "data_position": step * cfg.micro_batch_size * cfg.grad_accum * d.world,
+            "config": to_dict(cfg),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    _barrier()
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in set(a) | set(b):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= _changed_keys(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+# ---------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, resume, d, log if d.main else (lambda *a, **k: None))
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
+    out = Path(cfg.out_dir)
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.is_file():
+        raise ConfigError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or choose another out_dir")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, processor, tok_file = build_model(cfg, out, d.main)
+    freeze(model, cfg.freeze)
+    if cfg.lora.enabled:
+        wrapped_names = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets),
+                                   cfg.lora.vision_encoder, cfg.lora.adapter)
+        log(f"LoRA rank {cfg.lora.rank} on {len(wrapped_names)} linear layers")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("config: nothing to train (everything is frozen)")
+    n_train = sum(p.numel() for p in trainable)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained")
+
+    seq_len = cfg.data.seq_len
+    train_set = load_files(cfg.data.train, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "train")
+    val_set = (load_files(cfg.data.val, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "val")
+               if cfg.data.val else [])
+    stream = PackedStream([len(e) - 1 for e in train_set], seq_len, cfg.seed)
+    log(f"{stream.sequences_per_epoch()} packed sequences of <= {seq_len} tokens per epoch")
+
+    model.to(d.device)
+    wrapped = distributed.wrap(LossModel(model), d, cfg.parallel)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
+    optimizer = torch.optim.AdamW(param_groups(wrapped, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _load_state(wrapped, optimizer, state["model"], state["optimizer"], cfg, d)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+        changed = _changed_keys(state["config"], to_dict(cfg)) - {"progress", "log_every", "eval_every",
+                                                                  "save_every", "val_batches"}
+        if changed:
+            log(f"warning: the config differs from the checkpoint's in {sorted(changed)}; "
+                "losses will not match an uninterrupted run")
+        log(f"resumed from {ckpt_path} at step {start}")
+        del state
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None) if d.main else None
+
+    per_rank = cfg.micro_batch_size * cfg.grad_accum
+    global_batch = per_rank * d.world
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and cfg.bf16
+                else contextlib.nullcontext())
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        log = bar.write  # log lines above the bar, not through it
+    t0, tokens_seen = time.time(), 0
+    wrapped.train()
+    for step in range(start, cfg.steps):
+        seqs = [stream[step * global_batch + j] for j in range(global_batch)]
+        total_targets = sum(n_targets(train_set[i]) for s in seqs for i in s)
+        step_tokens = sum(len(train_set[i]) - 1 for s in seqs for i in s)
+        mine = seqs[d.rank * per_rank:(d.rank + 1) * per_rank]
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            group = [train_set[i] for s in mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size] for i in s]
+            ids, images, seqlens, pos, targets = make_batch(group, processor, d.device)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync:
+                with autocast:
+                    loss = wrapped(ids, images, seqlens, pos, targets)
+                # DDP/FSDP average gradients over processes; undo that to get the global mean.
+                (loss * (d.world / total_targets)).backward()
+            loss_sum += loss.item()
+        loss_value = distributed.all_sum(d, [loss_sum])[0] / total_targets
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        tokens_seen += step_tokens
+        done = step + 1
+        elapsed = time.time() - t0
+        tps = tokens_seen / max(elapsed, 1e-9)
+        record = {"step": done, "loss": loss_value, "lr": lr, "tokens": step_tokens, "tokens_per_s": round(tps, 1),
+                  "elapsed_s": round(elapsed, 2)}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if cfg.eval_every and val_set and (done % cfg.eval_every == 0 or done == cfg.steps):
+            record["val_loss"] = validate(wrapped, val_set, processor, cfg, d, autocast)
+            wrapped.train()
+        if metrics:
+            metrics.write(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+        if d.main and (done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in record):
+            eta = elapsed / (done - start) * (cfg.steps - done)
+            val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            log(f"step {done}/{cfg.steps} loss {loss_value:.4f}{val} lr {lr:.2e} {tps:.0f} tok/s eta {eta / 60:.1f} min")
+            plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, done, cfg, d)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, cfg.steps, cfg, d)
+    final = out / "final"
+    model_sd, _ = _full_state(wrapped, optimizer, cfg, d)
+    if d.main:
+        save_final(model_sd, model.args, cfg, final, tok_file, log)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    _barrier()
+    return final
+
+
+def validate(wrapped, val_set, processor, cfg: TrainConfig, d, autocast) -> float:
+    stream = PackedStream([len(e) - 1 for e in val_set], cfg.data.seq_len, cfg.seed, shuffle=False)
+    n = min(cfg.val_batches, stream.sequences_per_epoch())
+    wrapped.eval()
+    loss, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(d.rank, n, d.world):
+            group = [val_set[i] for i in stream[k]]
+            ids, images, seqlens, pos, targets = make_batch(group, processor, d.device)
+            with autocast:
+                loss += wrapped(ids, images, seqlens, pos, targets).item()
+            count += len(targets)
+    loss, count = distributed.all_sum(d, [loss, count])
+    return loss / max(count, 1)
+
+
+def save_final(model_sd: dict, args: ModelArgs, cfg: TrainConfig, final: Path, tok_file, log) -> None:
+    """The trained model in both layouts (LoRA merged), and LoRA adapters alone."""
+    from pixtral.checkpoint import save_model
+
+    model = Pixtral(args)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets), cfg.lora.vision_encoder, cfg.lora.adapter)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in model_sd.items()})
+    dtype = getattr(torch, cfg.save_dtype)
+    if cfg.lora.enabled:
+        export_lora(model, final / "lora", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets))
+        log(f"saved LoRA adapters to {final / 'lora'}")
+        if not cfg.lora.merge:
+            return
+        merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    for layout in ("mistral", "hf"):
+        save_model(model, final / layout, layout=layout, tokenizer_file=tok_file, dtype=dtype, overwrite=True)
+    log(f"saved the model to {final / 'mistral'} (Mistral layout) and {final / 'hf'} (Hugging Face layout)")
+
+
+def export_checkpoint(run_dir: str | Path, dst: str | Path) -> Path:
+    """Save the model of a run's latest resumable checkpoint (e.g. mid-training) in both layouts."""
+    from pixtral.train.config import _build
+
+    run_dir = Path(run_dir)
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    cfg = _build(TrainConfig, state["config"], str(run_dir / CHECKPOINT))
+    if cfg.model.init.startswith("preset:"):
+        args = model_args_from(cfg)
+    else:
+        from pixtral.checkpoint import find_files, read_args
+
+        args = read_args(find_files(cfg.model.init))
+    tok = Path(cfg.model.tokenizer) if cfg.model.tokenizer else run_dir / "tekken.json"
+    if not tok.is_file():
+        tok = Path(cfg.model.init) / "tekken.json" if (Path(cfg.model.init) / "tekken.json").is_file() else None
+    save_final(state["model"], args, cfg, Path(dst), tok, lambda *_: None)
+    return Path(dst)

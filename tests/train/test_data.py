@@ -1,0 +1,125 @@
+"""Chat/document encoding and the per-line error reports for bad training data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from pixtral.processing import Processor
+from pixtral.train.config import load_config
+from pixtral.train.data import DataError, load_jsonl
+from pixtral.train.tokenizer import write_small_tekken
+from pixtral.model.args import VisionArgs
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    return write_small_tekken(300, tmp_path_factory.mktemp("tok") / "tekken.json",
+                              VisionArgs(image_size=64, patch_size=16))
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer_file):
+    return Processor.from_file(tokenizer_file)
+
+
+def test_chat_targets_are_exactly_the_answers_and_eos(processor, chat_data):
+    examples, report = load_jsonl(chat_data, processor, 10_000)
+    assert report.kept == 40 and not report.skipped
+    ex = examples[0]  # two turns
+    answers = [json.loads(chat_data.read_text().splitlines()[0])["messages"][k]["content"] for k in (1, 3)]
+    spans, cur = [], []
+    for tok, on in zip(ex.ids, ex.mask):
+        if on:
+            cur.append(tok)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans.append(cur) if cur else None
+    assert [processor.decode(s[:-1]) for s in spans] == answers
+    assert all(s[-1] == processor.eos_id for s in spans)
+
+
+def test_chat_ids_match_mistral_common_finetuning_encoding(processor, tokenizer_file, chat_data):
+    """The whole conversation encodes as mistral-common's own (finetuning mode) encoding."""
+    examples, _ = load_jsonl(chat_data, processor, 10_000)
+    record = json.loads(chat_data.read_text().splitlines()[0])
+    tok = MistralTokenizer.from_file(str(tokenizer_file), mode=ValidationMode.finetuning)
+    from PIL import Image
+
+    m = record["messages"]
+    image = Image.open(chat_data.parent / m[0]["content"][0]["image_url"]["url"])
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+
+    req = ChatCompletionRequest(messages=[
+        UserMessage(content=[ImageChunk(image=image), TextChunk(text=m[0]["content"][1]["text"])]),
+        AssistantMessage(content=m[1]["content"]),
+        UserMessage(content=m[2]["content"]),
+        AssistantMessage(content=m[3]["content"]),
+    ])
+    assert tok.encode_chat_completion(req).tokens == examples[0].ids
+
+
+def test_document_loss_on_text_only(processor, chat_data, tmp_path):
+    doc = tmp_path / "docs.jsonl"
+    img = str(chat_data.parent / "images" / "train0.png")
+    doc.write_text(json.dumps({"content": [{"type": "text", "text": "A picture:"},
+                                           {"type": "image_url", "image_url": {"url": img}},
+                                           {"type": "text", "text": "the end."}]}) + "\n")
+    [ex], _ = load_jsonl(doc, processor, 10_000)
+    img_ids = set(processor.image_token_ids.values())
+    assert not any(on for t, on in zip(ex.ids, ex.mask) if t in img_ids)
+    assert processor.decode([t for t, on in zip(ex.ids, ex.mask) if on]) == "A picture:the end."
+    assert ex.ids[-1] == processor.eos_id and ex.mask[-1]
+
+
+def test_bad_lines_are_reported_with_file_and_line(processor, chat_data, tmp_path):
+    good = chat_data.read_text().splitlines()[1]
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "images").symlink_to(chat_data.parent / "images")
+    lines = [
+        good,
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "images/missing.png"}}, {"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 300}]}),
+        json.dumps({"something": 1}),
+        "",
+        good,
+    ]
+    bad.write_text("\n".join(lines) + "\n")
+    logged = []
+    examples, report = load_jsonl(bad, processor, 200, log=logged.append)
+    assert len(examples) == 2 and report.kept == 2
+    text = "\n".join(logged)
+    assert f"{bad}:2: " in text and "Expecting" in text  # invalid JSON
+    assert f"{bad}:3: " in text and "missing.png" in text
+    assert f"{bad}:4: " in text and "assistant" in text
+    assert f"{bad}:5: " in text and "over the limit of 200" in text
+    assert f"{bad}:6: " in text and "'messages'" in text
+    summary = report.summary("train")
+    assert "2 of 7 samples kept" in summary
+    assert "1 too long" in summary and "1 bad or missing images" in summary and "1 invalid JSON" in summary
+    with pytest.raises(DataError, match=f"{bad}:2: "):
+        load_jsonl(bad, processor, 200, on_error="fail", log=lambda *_: None)
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.jsonl\noptim:\n  lr: 1\nsteps: 5\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "lora.enabled=true", "lora.targets=[wq, w1]", "freeze=[vision_encoder]"])
+    assert cfg.data.train == ["a.jsonl"] and cfg.optim.lr == 2e-4 and cfg.steps == 5
+    assert cfg.lora.enabled and cfg.lora.targets == ["wq", "w1"] and cfg.freeze == ["vision_encoder"]
+    from pixtral.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key.*'optimizer'"):
+        load_config(path, ["optimizer.lr=1"])
+    with pytest.raises(ConfigError, match="c.yaml: steps: expected int"):
+        load_config(path, ["steps=abc"])

@@ -1,0 +1,168 @@
+"""Training runs on a tiny config: loss goes down, exact resume after kill -9, torchrun parity, LoRA."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixtral.checkpoint import load_model
+from pixtral.model.attention import PackedCausal
+from pixtral.processing import Processor
+from pixtral.train.config import load_config
+from pixtral.train.lora import load_lora
+from pixtral.train.metrics import read_metrics
+from pixtral.train.trainer import train
+
+from .conftest import tiny_config, write_config
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def run_cli(cfg_path: Path, *extra: str, torchrun: int = 0, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [PY, "-m", "pixtral.cli.main", "train", "--config", str(cfg_path), *extra]
+    if torchrun:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "pixtral.cli.main", "train", "--config", str(cfg_path), *extra]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_few_steps_reduce_the_loss_and_save_both_layouts(tmp_path, chat_data):
+    cfg = tiny_config(tmp_path / "run", chat_data, steps=12, eval_every=6, **{"data.val": [str(chat_data.parent / "val.jsonl")]})
+    final = train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=lambda *_: None)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first * 0.7, (first, last)
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    a = load_model(final / "mistral")
+    b = load_model(final / "hf")
+    proc = Processor.from_file(final / "mistral" / "tekken.json")
+    ids, images = proc.encode_chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(chat_data.parent / "images" / "train0.png")}},
+        {"type": "text", "text": "What color is the image?"}]}])
+    ids = torch.tensor(ids)
+    torch.testing.assert_close(a(ids, images), b(ids, images), rtol=0, atol=0)
+
+
+def test_resume_after_kill_9_gives_the_same_losses(tmp_path, chat_data):
+    steps = 40
+    ref_cfg = write_config(tmp_path / "ref.yaml", tiny_config(tmp_path / "ref", chat_data, steps=steps))
+    run_cli(ref_cfg)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", chat_data, steps=steps, save_every=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([PY, "-m", "pixtral.cli.main", "train", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "final").exists(), "the run finished before it could be killed"
+    killed_at = len(losses(tmp_path / "run"))
+    assert killed_at < steps
+    run_cli(cfg, "--resume")
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit for bit
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, chat_data, parallel):
+    one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path / "one", chat_data, steps=6, grad_accum=2))
+    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path / "two", chat_data, steps=6, grad_accum=1,
+                                                          parallel=parallel))
+    run_cli(one)
+    run_cli(two, torchrun=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert (tmp_path / "two" / "final" / "hf" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory, chat_data):
+    root = tmp_path_factory.mktemp("base")
+    cfg = tiny_config(root / "run", chat_data, steps=4)
+    return train(load_config(write_config(root / "c.yaml", cfg)), log=lambda *_: None) / "mistral"
+
+
+def test_lora_trains_only_adapters_and_merges_to_the_same_logits(tmp_path, chat_data, base_checkpoint):
+    cfg = tiny_config(tmp_path / "lora", chat_data, steps=6,
+                      **{"model.init": str(base_checkpoint), "lora.enabled": True, "lora.rank": 4,
+                         "lora.targets": ["wq", "wv", "w1"], "lora.adapter": True, "lora.vision_encoder": True,
+                         "optim.lr": 1e-2})
+    del cfg["model"]["args"], cfg["model"]["tokenizer_ranks"]
+    final = train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=lambda *_: None)
+    base = load_file(str(base_checkpoint / "consolidated.safetensors"))
+    state = torch.load(tmp_path / "lora" / "checkpoint.pt", weights_only=False)["model"]
+    lora_keys = [k for k in state if ".lora_" in k]
+    assert any(k.startswith("model.vision_language_adapter.") for k in lora_keys)
+    assert any(k.startswith("model.vision_encoder.") for k in lora_keys)
+    for key, value in state.items():
+        if ".lora_" not in key:
+            assert torch.equal(value, base[key.removeprefix("model.")]), key  # frozen base weights
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in state.items())
+
+    merged = load_model(final / "mistral")
+    with_adapters = load_model(base_checkpoint)
+    load_lora(with_adapters, final / "lora")
+    proc = Processor.from_file(final / "mistral" / "tekken.json")
+    ids, images = proc.encode_chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(chat_data.parent / "images" / "train1.png")}},
+        {"type": "text", "text": "What color is the image?"}]}])
+    ids = torch.tensor(ids)
+    expected = with_adapters(ids, images)
+    assert not torch.allclose(expected, load_model(base_checkpoint)(ids, images), atol=1e-4)  # LoRA changed it
+    torch.testing.assert_close(merged(ids, images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_vision_encoder_and_adapter(tmp_path, chat_data, base_checkpoint):
+    cfg = tiny_config(tmp_path / "frozen", chat_data, steps=3,
+                      **{"model.init": str(base_checkpoint), "freeze": ["vision_encoder", "adapter"]})
+    del cfg["model"]["args"], cfg["model"]["tokenizer_ranks"]
+    final = train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=lambda *_: None)
+    before = load_file(str(base_checkpoint / "consolidated.safetensors"))
+    after = load_file(str(final / "mistral" / "consolidated.safetensors"))
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same == key.startswith(("vision_encoder.", "vision_language_adapter.")), key
+
+
+def test_packed_samples_do_not_see_each_other(chat_data):
+    """The loss of a sample is the same alone or packed with others (positions restart)."""
+    from pixtral.model import Pixtral
+    from pixtral.train.trainer import LossModel, make_batch, model_args_from
+    from pixtral.train.data import load_jsonl
+    from pixtral.train.tokenizer import write_small_tekken
+
+    cfg = load_config(None, [f"data.train={chat_data}", "model.tokenizer_ranks=300",
+                             "model.args={dim: 32, n_layers: 1, head_dim: 16, hidden_dim: 32, n_heads: 2, n_kv_heads: 1,"
+                             " vision: {hidden_size: 16, intermediate_size: 16, num_hidden_layers: 1,"
+                             " num_attention_heads: 1, image_size: 64}}"])
+    args = model_args_from(cfg)
+    torch.manual_seed(0)
+    model = LossModel(Pixtral(args))
+    tok = write_small_tekken(300, chat_data.parent / "packed" / "tekken.json", args.vision)
+    proc = Processor.from_file(tok)
+    examples, _ = load_jsonl(chat_data, proc, 1000)
+    packed = model(*make_batch(examples[:3], proc, "cpu"))
+    alone = sum(model(*make_batch([e], proc, "cpu")) for e in examples[:3])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert isinstance(PackedCausal([2, 3]).positions, torch.Tensor)
