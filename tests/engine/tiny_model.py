@@ -6,12 +6,14 @@ import base64
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from pixtral.checkpoint import save_model
+from pixtral.checkpoint import load_model, save_model
 from pixtral.model import Pixtral
 from pixtral.model.args import ModelArgs, VisionArgs
+from pixtral.processing import load_processor
 from pixtral.processing.loading import write_tokenizer_for
 
 MAX_SEQ_LEN = 1024
@@ -51,3 +53,20 @@ def user(text: str, *images: str) -> dict:
         return {"role": "user", "content": text}
     parts = [{"type": "image_url", "image_url": {"url": url}} for url in images]
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+# Session fixtures over that model; the engine and server conftests import them.
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def model(tiny_dir):
+    torch.set_num_threads(1)  # tiny model: one thread is fastest, and immune to busy neighbours
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_dir):
+    return load_processor(tiny_dir)
