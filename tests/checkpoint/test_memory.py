@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from pixtral.checkpoint import load_model, loader, save_model
+from pixtral.checkpoint import load_model, loader, reader, save_model
 from tests.conftest import random_model
 
 
 def test_at_most_one_tensor_in_flight(tmp_path, monkeypatch):
     path = save_model(random_model("tiny"), tmp_path / "m", layout="hf")  # HF: permutation on the way in
     in_flight, peak, largest = [0], [0], [0]
-    real_open, real_set = loader.safe_open, loader._set_parameter
+    real_open, real_set = reader.safe_open, loader._set_parameter
 
     class CountingHandle:
         def __init__(self, *args, **kwargs):
@@ -32,7 +32,7 @@ def test_at_most_one_tensor_in_flight(tmp_path, monkeypatch):
         in_flight[0] -= value.numel() * value.element_size()
         real_set(model, name, value)
 
-    monkeypatch.setattr(loader, "safe_open", CountingHandle)
+    monkeypatch.setattr(reader, "safe_open", CountingHandle)
     monkeypatch.setattr(loader, "_set_parameter", counting_set)
     model = load_model(path, dtype=torch.float32)
     total = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -11,11 +11,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from pixtral.checkpoint.files import HF, find_files, index_tensors, read_args
-from pixtral.checkpoint.layout import from_hf_rows, key_specs
+from pixtral.checkpoint.files import find_files, read_args
+from pixtral.checkpoint.reader import TensorReader
 from pixtral.errors import CheckpointError
 from pixtral.model.pixtral import Pixtral
 
@@ -44,34 +43,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     dtype = dtype or default_dtype(device)
     files = find_files(path)
     args = read_args(files)
-    tensors = index_tensors(files, args)  # all checks on headers, before any allocation
-    n_params = sum(info.nbytes // info.dtype.itemsize for _, info in tensors.values())
+    reader = TensorReader(files, args)  # all checks on headers, before any allocation
+    n_params = sum(info.nbytes // info.dtype.itemsize for _, info in reader.tensors.values())
     _check_memory(n_params * dtype.itemsize, device, dtype)
 
     with torch.device("meta"):
         model = Pixtral(args)
-    perms = {s.mistral: s for s in key_specs(args) if s.permute_heads}
-    handles: dict[Path, object] = {}
     try:
-        for ours, (stored_name, info) in tensors.items():
-            if info.file not in handles:
-                handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-            try:
-                tensor = handles[info.file].get_tensor(stored_name)
-            except Exception as exc:  # the library's own error types vary by version
-                raise CheckpointError(f"{info.file}: cannot read tensor {stored_name!r} ({exc})") from None
-            if files.layout == HF and ours in perms:
-                spec = perms[ours]
-                tensor = from_hf_rows(tensor, spec.permute_heads, spec.head_dim)
+        for ours, (stored_name, info) in reader.tensors.items():
+            tensor = reader.read(ours)
             if not torch.is_floating_point(tensor):
                 raise CheckpointError(f"{info.file}: tensor {stored_name!r} has non-float dtype {tensor.dtype}")
             _set_parameter(model, ours, tensor.to(device=device, dtype=dtype))
             del tensor
     finally:
-        handles.clear()
+        reader.close()
     model.eval()
     model.requires_grad_(False)
-    model.checkpoint_path = Path(path)
     return model
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from pixtral.checkpoint.files import HF, MISTRAL, find_files, index_tensors, read_args
-from pixtral.checkpoint.layout import from_hf_rows, key_specs, to_hf_rows
+from pixtral.checkpoint.files import HF, MISTRAL, find_files, read_args
+from pixtral.checkpoint.layout import key_specs, to_hf_rows
+from pixtral.checkpoint.reader import TensorReader
 from pixtral.checkpoint.safetensors_io import write_safetensors
 from pixtral.errors import CheckpointError
 from pixtral.model.args import ModelArgs
@@ -115,16 +115,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, overwrite: boo
     """Stream a checkpoint into the other layout, tensor by tensor, bit-exact."""
     files = find_files(src)
     args = read_args(files)
-    tensors = index_tensors(files, args)
-    perms = {s.mistral: s for s in key_specs(args) if s.permute_heads}
-    shapes = {ours: (info.shape, info.dtype) for ours, (_, info) in tensors.items()}
-
-    def produce(ours: str) -> torch.Tensor:
-        stored_name, info = tensors[ours]
-        with safe_open(str(info.file), framework="pt", device="cpu") as f:
-            t = f.get_tensor(stored_name)
-        if files.layout == HF and ours in perms:
-            t = from_hf_rows(t, perms[ours].permute_heads, perms[ours].head_dim)
-        return t
-
-    return write_checkpoint(args, dst, to, shapes, produce, files.tokenizer_file, overwrite)
+    reader = TensorReader(files, args)
+    shapes = {ours: (info.shape, info.dtype) for ours, (_, info) in reader.tensors.items()}
+    try:
+        return write_checkpoint(args, dst, to, shapes, reader.read, files.tokenizer_file, overwrite)
+    finally:
+        reader.close()

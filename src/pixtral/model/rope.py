@@ -45,10 +45,6 @@ def angles_2d(height: int, width: int, head_dim: int, theta: float, device=None)
     return grid.reshape(height * width, -1)
 
 
-def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cos(angles), torch.sin(angles)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, d] by per-token angles given as cos/sin [T, d/2]."""
     xf = x.float().unflatten(-1, (-1, 2))

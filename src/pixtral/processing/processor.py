@@ -82,8 +82,6 @@ class Processor:
         converted = [self._convert_message(i, m, policy) for i, m in enumerate(messages)]
         if not isinstance(converted[-1], UserMessage):
             raise RequestError("the last message must be from the user (the model answers it)")
-        if not any(isinstance(m, UserMessage) for m in converted):
-            raise RequestError("the conversation has no user message")
         try:
             return ChatCompletionRequest(messages=converted)
         except (MistralCommonException, ValueError) as exc:
