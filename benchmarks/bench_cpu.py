@@ -8,6 +8,10 @@ below 30000, so the tokenizer is unchanged). Measured in one run, same inputs:
   - batch-1 decode tokens/s: (N - 1) / (time for N tokens - time for 1 token)
   - 8-way throughput: 8 prompts of equal length decoded together, output tokens/s end to end
   - time to first token for one image + a short question (prefill with the vision encoder)
+  - 8 image chats as a server sees them: images of different sizes, questions of different
+    lengths, answers of 8 to 120 tokens; requested output tokens/s end to end. transformers
+    gets its better of two ways: one padded batch run to the longest answer (static batching),
+    or the chats one after another.
 transformers runs `model.generate` (greedy, its default dynamic cache, SDPA attention); ours
 runs `LLM.generate`, with the prefix and encoder caches cleared before every timed call.
 """
@@ -20,7 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, hf_from_ours, random_model, text_prompt, timed  # noqa: E402
@@ -30,6 +36,7 @@ from pixtral.generation import SamplingParams  # noqa: E402
 from pixtral.model.args import ModelArgs, VisionArgs  # noqa: E402
 from pixtral.processing import load_processor  # noqa: E402
 from pixtral.processing.loading import write_tokenizer_for  # noqa: E402
+from pixtral.train.tokenizer import write_small_tekken  # noqa: E402
 
 
 def small_args(dim: int = 256, n_layers: int = 4, vocab_size: int = 131072) -> ModelArgs:
@@ -43,14 +50,19 @@ def small_args(dim: int = 256, n_layers: int = 4, vocab_size: int = 131072) -> M
 
 
 # (dim, layers, vocabulary): the real vocabulary, then smaller ones where per-step overhead shows.
-CONFIGS = {"small": (256, 4, 131072), "small-32k": (256, 4, 32768), "tiny-32k": (64, 2, 32768)}
+CONFIGS = {"small": (256, 4, 131072), "small-32k": (256, 4, 32768), "tiny-32k": (64, 2, 32768),
+           "default": (256, 4, 4000)}
 
 
 def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
     device = torch.device("cpu")
     model = random_model(args, device, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        processor = load_processor(write_tokenizer_for(args, Path(tmp) / "tekken.json"))
+        if args.vocab_size < 131072:  # a reduced Tekken, as the default model ships
+            tok = write_small_tekken(args.vocab_size - 1000, Path(tmp) / "tekken.json", args.vision)
+        else:
+            tok = write_tokenizer_for(args, Path(tmp) / "tekken.json")
+        processor = load_processor(tok)
     hf = hf_from_ours(model)
     llm = LLM.from_model(model, processor, num_blocks=2048, max_num_seqs=16)
 
@@ -58,12 +70,23 @@ def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
     batch = [text_prompt(processor, prompt_tokens, seed=s) for s in range(8)]
     rng = torch.Generator().manual_seed(0)
     pixels = (torch.rand(256, 256, 3, generator=rng) * 255).to(torch.uint8).numpy()
-    from PIL import Image
 
     image_ids, images = processor.encode_chat([{"role": "user", "content": [
         {"type": "image", "image": Image.fromarray(pixels)}, {"type": "text", "text": "What is in this image?"}]}])
     image = images[0]
     image_prompt = Prompt(image_ids, [image])
+
+    # Eight different image chats (sizes, question lengths, answer lengths).
+    chat_rng = np.random.default_rng(1)
+    chats, chat_new = [], [8 + 16 * i for i in range(8)]
+    for i in range(8):
+        w, h = (int(x) for x in chat_rng.integers(64, 257, size=2))
+        picture = Image.fromarray((chat_rng.random((h, w, 3)) * 255).astype(np.uint8))
+        question = " ".join(["Describe the picture in detail."] * (1 + i % 3))
+        ids, imgs = processor.encode_chat([{"role": "user", "content": [{"type": "image", "image": picture},
+                                                                         {"type": "text", "text": question}]}])
+        chats.append((ids, imgs[0]))
+    chat_prompts = [Prompt(ids, [img]) for ids, img in chats]
 
     def hf_generate(ids, new, img=None):
         kwargs = {}
@@ -79,6 +102,31 @@ def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
         llm.engine.reset_prefix_cache()
         return [o.outputs[0].token_ids for o in
                 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))]
+
+    def hf_chats_batched():
+        """One left-padded batch, images padded to the largest, run until the longest answer is done."""
+        longest = max(len(ids) for ids, _ in chats)
+        ids = torch.full((8, longest), 11, dtype=torch.long)
+        mask = torch.zeros((8, longest), dtype=torch.long)
+        h = max(img.shape[1] for _, img in chats)
+        w = max(img.shape[2] for _, img in chats)
+        pixels = torch.zeros(8, 3, h, w)
+        for row, (prompt, img) in enumerate(chats):
+            ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            mask[row, longest - len(prompt):] = 1
+            pixels[row, :, : img.shape[1], : img.shape[2]] = img
+        sizes = torch.tensor([list(img.shape[1:]) for _, img in chats])
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, do_sample=False,
+                        max_new_tokens=max(chat_new), min_new_tokens=max(chat_new), pad_token_id=11)
+
+    def hf_chats_sequential():
+        for (prompt, img), new in zip(chats, chat_new):
+            hf_generate(prompt, new, img)
+
+    def ours_chats():
+        llm.engine.reset_prefix_cache()
+        llm.generate(chat_prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in chat_new])
 
     # Identical weights and inputs give identical greedy tokens.
     same_text = hf_generate(text, 16)[0] == ours([text], 16)[0]
@@ -98,6 +146,11 @@ def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
             "throughput_8way_tok_s": 8 * n / t8,
             "ttft_image_ms": 1000 * timed(ttft, device, reps),
         }
+    useful = sum(chat_new)
+    hf_batched, hf_seq = timed(hf_chats_batched, device, reps), timed(hf_chats_sequential, device, reps)
+    results["transformers"]["chats_8_tok_s"] = useful / min(hf_batched, hf_seq)
+    results["transformers"]["chats_8_how"] = "padded batch" if hf_batched <= hf_seq else "one after another"
+    results["pixtral"]["chats_8_tok_s"] = useful / timed(ours_chats, device, reps)
     hf_r, our_r = results["transformers"], results["pixtral"]
     print(f"## dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, vocab "
           f"{args.vocab_size}, vision {args.vision.hidden_size} wide x {args.vision.num_hidden_layers} layers; fp32")
@@ -109,9 +162,12 @@ def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
     print("|---|---|---|---|")
     for key, label, better_low in (("decode_b1_tok_s", "batch-1 decode (tok/s)", False),
                                    ("throughput_8way_tok_s", "8-way throughput (output tok/s)", False),
-                                   ("ttft_image_ms", "time to first token, 1 image (ms)", True)):
+                                   ("ttft_image_ms", "time to first token, 1 image (ms)", True),
+                                   ("chats_8_tok_s", "8 image chats, mixed lengths (output tok/s)", False)):
         ratio = hf_r[key] / our_r[key] if better_low else our_r[key] / hf_r[key]
         print(f"| {label} | {hf_r[key]:.1f} | {our_r[key]:.1f} | {ratio:.2f}x |")
+    print(f"(8 image chats: transformers' better way was {hf_r['chats_8_how']}; answers of "
+          f"{min(chat_new)}-{max(chat_new)} tokens, {sum(chat_new)} in all)")
     print()
     return {"dim": args.dim, "n_layers": args.n_layers, "vocab_size": args.vocab_size, "same_text": same_text,
             "same_image": same_image, **results}

@@ -111,7 +111,8 @@ def describe_machine(device: torch.device) -> str:
 def text_prompt(processor, length: int, seed: int) -> list[int]:
     """[BOS][INST] <length random ordinary tokens> [/INST]: same length for every seed (no padding)."""
     gen = torch.Generator().manual_seed(seed)
-    body = torch.randint(1000, 30000, (length,), generator=gen).tolist()  # ordinary tokens of any vocabulary
+    top = min(30000, processor.vocab_size)
+    body = torch.randint(1000, top, (length,), generator=gen).tolist()  # ordinary tokens of any vocabulary
     ids = processor.encode_chat([{"role": "user", "content": "x"}])[0]
     inst_end = ids[-1]
     return ids[:2] + body + [inst_end]

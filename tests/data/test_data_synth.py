@@ -141,6 +141,50 @@ def test_split_counts_and_manifest(dataset, tmp_path):
     assert cats == {"charts", "misc"}
 
 
+def test_pretrain_documents_describe_the_train_images(dataset):
+    out, manifest = dataset
+    train = _lines(out / "train.jsonl")
+    docs = _lines(out / "pretrain.jsonl")
+    assert manifest["pretrain"] == {"file": "pretrain.jsonl", "count": len(train), "format": "document"}
+    assert len(docs) == len(train)
+    for rec, doc in zip(train, docs):
+        assert doc["id"] == rec["id"] and doc["category"] == rec["category"]
+        image, text = doc["content"]
+        assert image == rec["messages"][0]["content"][0]
+        index = int(Path(image["image_url"]["url"]).stem)
+        assert text == {"type": "text", "text": generate_sample(manifest["seed"], index, rec["category"]).description}
+
+
+def test_pretrain_documents_load_as_training_documents(dataset):
+    from pixtral.processing import Processor
+    from pixtral.processing.loading import SHIPPED_TEKKEN
+    from pixtral.train.data import load_jsonl
+
+    out, _ = dataset
+    examples, report = load_jsonl(out / "pretrain.jsonl", Processor.from_file(SHIPPED_TEKKEN), max_tokens=4096,
+                                  fmt="document", log=lambda *_: None)
+    assert len(examples) == len(_lines(out / "train.jsonl")) and not report.skipped
+    for ex in examples[:5]:
+        assert ex.n_targets >= 8  # the description (and EOS) is trained on, the image is not
+
+
+# Templates whose answer a description states word for word (counts of a shape or a colour
+# are left for the model to work out from the listed objects).
+NOT_STATED = {"diagrams.count", "misc.colour_count"}
+
+
+def test_description_states_the_answers():
+    checked = 0
+    for i in range(300):
+        sample = generate_sample(21, i)
+        words = set(re.findall(r"[A-Za-z]+|\d+", sample.description))
+        for turn in sample.turns:
+            if turn.template not in NOT_STATED:
+                assert turn.answer in words, (sample.description, turn)
+                checked += 1
+    assert checked > 300
+
+
 # -- the questions -----------------------------------------------------------------------
 
 ANSWER_SETS = {
@@ -269,7 +313,7 @@ def test_interrupted_run_leaves_no_complete_looking_jsonl(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _write(out, n=20, seed=0)
     assert not (out / "manifest.json").exists()
-    assert not any((out / f"{s}.jsonl").exists() for s in SPLITS)
+    assert not any((out / f"{s}.jsonl").exists() for s in (*SPLITS, "pretrain"))
     assert not list(out.glob(".*.tmp")) and not list((out / "images").glob(".*"))
 
 

@@ -7,7 +7,7 @@ import torch
 from tiny_model import image_uri, user
 
 from pixtral.engine import LLM, Engine, EngineConfig, Prompt
-from pixtral.engine.attention import DecodeAttention, PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import BatchedDecodeAttention, DecodeAttention, PagedAttention, SeqChunk, slot_mapping
 from pixtral.engine.block_allocator import NULL_BLOCK, BlockAllocator
 from pixtral.engine.encoder_cache import EncoderCache
 from pixtral.engine.inputs import chat_prompt
@@ -93,6 +93,38 @@ def test_decode_attention_static_shapes_match_paged(model):
     for i, (t, n) in enumerate(zip(tables, lengths)):
         s = torch.from_numpy(slot_mapping([SeqChunk(0, n + 1, t)], 4))
         torch.testing.assert_close(paged[i: i + 1], sdpa(q[i: i + 1], k_flat[s], v_flat[s]))
+
+
+def test_batched_decode_attention_matches_per_sequence(model):
+    """The CPU decode-only context (one SDPA call for all rows) equals the per-sequence one, and
+    reads only written slots: the rest of the cache is NaN here."""
+    args = model.args
+    torch.manual_seed(1)
+    cache = PagedKVCache(args, 12, 4, torch.device("cpu"), torch.float32)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    tables = [[3, 5, 1], [7], [2, 9, 10, 11], [4, 6]]
+    lengths = [9, 3, 12, 4]  # tokens cached before this step (the last row starts a new block)
+    for layer in range(args.n_layers):
+        for table, n in zip(tables, lengths):
+            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
+            k_flat, v_flat = cache.layer(layer)
+            k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+            v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+    q = torch.randn(4, args.n_heads, args.head_dim)
+    k = torch.randn(4, args.n_kv_heads, args.head_dim)
+    v = torch.randn(4, args.n_kv_heads, args.head_dim)
+    chunks = [SeqChunk(n, 1, t) for n, t in zip(lengths, tables)]
+    paged = PagedAttention(cache, chunks, torch.device("cpu")).attend(1, q, k, v)
+    ctx = BatchedDecodeAttention(cache, lengths, tables, torch.device("cpu"))
+    assert ctx.positions.tolist() == lengths
+    batched = ctx.attend(1, q, k, v)
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched, paged, rtol=1e-5, atol=1e-5)
+    # one row alone: no padding, no mask
+    alone = BatchedDecodeAttention(cache, lengths[2:3], tables[2:3], torch.device("cpu"))
+    assert alone.mask is None
+    torch.testing.assert_close(alone.attend(1, q[2:3], k[2:3], v[2:3]), paged[2:3], rtol=1e-5, atol=1e-5)
 
 
 def test_long_prefill_does_not_stall_decodes(model, processor):

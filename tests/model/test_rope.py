@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pixtral.model.rope import angles_1d, angles_2d, apply_rotary
+from pixtral.model.rope import angles_1d, angles_2d, apply_rotary, rotations
 
 
 def test_angles_2d_block_layout():
@@ -26,17 +26,25 @@ def test_angles_1d():
     assert math.isclose(a[2, 1].item(), 131071 * 1e9 ** (-2 / 128), rel_tol=1e-6)
 
 
-def test_rotation_is_complex_multiplication_on_adjacent_pairs():
+def test_rotation_turns_adjacent_pairs():
     torch.manual_seed(0)
     x = torch.randn(4, 2, 8)
     angles = torch.randn(4, 4)
-    got = apply_rotary(x, torch.cos(angles), torch.sin(angles))
-    z = torch.view_as_complex(x.reshape(4, 2, 4, 2).contiguous())
-    expected = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).reshape(4, 2, 8)
+    got = apply_rotary(x, rotations(angles))
+    c, s = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]  # pairs (2p, 2p+1), the Mistral convention
+    expected = torch.empty_like(x)
+    expected[..., 0::2], expected[..., 1::2] = x0 * c - x1 * s, x0 * s + x1 * c
     assert torch.allclose(got, expected, atol=1e-6)
+    # a quarter turn of pair p maps (a, b) to (-b, a)
+    quarter = torch.zeros(4, 4)
+    quarter[:, 1] = math.pi / 2
+    turned = apply_rotary(x, rotations(quarter))
+    assert torch.allclose(turned[..., 2], -x[..., 3], atol=1e-6) and torch.allclose(turned[..., 3], x[..., 2], atol=1e-6)
+    assert torch.equal(turned[..., :2], x[..., :2])
 
 
 def test_rotation_in_float32_for_bf16_inputs():
     x = torch.randn(3, 1, 4).bfloat16()
-    out = apply_rotary(x, torch.ones(3, 2), torch.zeros(3, 2))
+    out = apply_rotary(x, rotations(torch.zeros(3, 2)))
     assert out.dtype == torch.bfloat16 and torch.equal(out, x)

@@ -25,8 +25,10 @@ def register(subparsers) -> None:
         description=(
             "Write N synthetic conversations about generated images (charts, tables, documents, "
             "diagrams, misc scenes) to DIR: DIR/images/*.png, DIR/train.jsonl, DIR/val.jsonl, "
-            "DIR/test.jsonl and DIR/manifest.json. Every answer is one word or one number read "
-            "from the image. The same seed gives byte-identical files."
+            "DIR/test.jsonl (chat format), DIR/pretrain.jsonl (one interleaved document per training "
+            "image: the image, then a description of everything in it, for pre-training) and "
+            "DIR/manifest.json. Every answer is one word or one number read from the image. The "
+            "same seed gives byte-identical files."
         ),
     )
     synth.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must be empty unless --overwrite)")

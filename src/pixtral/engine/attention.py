@@ -5,6 +5,11 @@ sequences. It writes the new keys/values into their slots, then, sequence by seq
 that sequence's blocks and calls SDPA: simple, exact, and each sequence's result does not
 depend on what else is in the batch.
 
+`BatchedDecodeAttention` serves steps made only of decodes (one new token per sequence): all
+rows in one fused SDPA call per layer, keys gathered to the longest context and masked per row.
+It replaces a few kernel calls per sequence and layer by a few per layer, which is most of a
+decode step's cost for small models on the CPU.
+
 `DecodeAttention` is the static-shape variant for CUDA graphs: one new token per row, block
 tables padded to a fixed width, attention masked by each row's context length.
 """
@@ -78,6 +83,48 @@ class PagedAttention:
             values = self.cache.v[layer].index_select(0, blocks).flatten(0, 1)[:end]
             outs.append(sdpa(qs, keys, values, mask=mask))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class BatchedDecodeAttention:
+    """Rows of one new token each; row i at position `starts[i]` with its KV in `block_tables[i]`.
+
+    Every row gathers keys for positions 0..L-1 (L the longest context); positions past a row's
+    own context repeat its last written slot and are masked out, so only written, finite
+    slots are ever read. Grouped-query heads are folded into the query length, as in
+    `DecodeAttention`.
+    """
+
+    def __init__(self, cache: PagedKVCache, starts: list[int], block_tables: list[list[int]],
+                 device: torch.device):
+        self.cache = cache
+        bs = cache.block_size
+        pos = np.asarray(starts, dtype=np.int64)
+        longest = int(pos.max()) + 1
+        width = -(-longest // bs)
+        table = np.zeros((len(starts), width), dtype=np.int64)
+        for row, blocks in enumerate(block_tables):
+            used = blocks[:width]
+            table[row, : len(used)] = used
+        keys = np.minimum(np.arange(longest)[None, :], pos[:, None])  # [B, L], clamped to each row's last
+        gather = np.take_along_axis(table, keys // bs, axis=1) * bs + keys % bs
+        rows = np.arange(len(starts))
+        self.positions = torch.from_numpy(pos).to(device)
+        self.slots = torch.from_numpy(gather[rows, pos]).to(device)
+        self.gather = torch.from_numpy(gather.reshape(-1)).to(device)
+        self.longest = longest
+        keep = np.arange(longest)[None, :] <= pos[:, None]
+        self.mask = None if keep.all() else torch.from_numpy(keep[:, None, None, :]).to(device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.layer(layer)
+        k_cache.index_copy_(0, self.slots, k)
+        v_cache.index_copy_(0, self.slots, v)
+        b, hq, d = q.shape
+        hkv = k.shape[1]
+        keys = k_cache.index_select(0, self.gather).view(b, self.longest, hkv, d).transpose(1, 2)
+        values = v_cache.index_select(0, self.gather).view(b, self.longest, hkv, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=self.mask)
+        return out.reshape(b, hq, d)
 
 
 class DecodeAttention:

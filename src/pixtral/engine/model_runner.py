@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixtral.engine.attention import PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import BatchedDecodeAttention, PagedAttention, SeqChunk, slot_mapping
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.engine.scheduler import ScheduledChunk
@@ -41,6 +41,8 @@ class ModelRunner:
                                            for c in chunks) and self.graphs.fits(
                 len(chunks), max(c.start + 1 for c in chunks)):
             return self._decode_with_graph(chunks)
+        if all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks):
+            return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])
         h = self.model.tok_embeddings(torch.from_numpy(ids).to(self.device))
@@ -71,6 +73,13 @@ class ModelRunner:
             return h
         mask = torch.from_numpy(np.concatenate(masks)).to(self.device)
         return h.masked_scatter(mask[:, None], torch.cat(rows).to(h.dtype))
+
+    def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """A step of decodes only (no prompt token, so no image slot): one batched attention call per layer."""
+        ids = torch.tensor([c.request.token_ids[c.start] for c in chunks], dtype=torch.long, device=self.device)
+        ctx = BatchedDecodeAttention(self.cache, [c.start for c in chunks], [c.request.block_ids for c in chunks],
+                                     self.device)
+        return self.model.logits(self.model.hidden_states(self.model.tok_embeddings(ids), ctx))
 
     def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         bs = self.cache.block_size

@@ -25,11 +25,13 @@ class AttentionContext(Protocol):
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
          mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over [T, H, D] tensors (one sequence), grouped-query aware."""
+    # A batch of one, because PyTorch's fused CPU kernel only takes 4-D inputs: 3-D ones fall
+    # back to the unfused math path, several times slower and memory-hungry.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=causal and mask is None, enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class PackedCausal:

@@ -21,11 +21,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos, sin, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation, ctx: AttentionContext, layer: int) -> torch.Tensor:
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         return self.wo(ctx.attend(layer, q, k, v).flatten(1))
 
 
@@ -37,6 +37,6 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, ctx: AttentionContext, layer: int):
-        h = x + self.attention(self.attention_norm(x), cos, sin, ctx, layer)
+    def forward(self, x, rotation, ctx: AttentionContext, layer: int):
+        h = x + self.attention(self.attention_norm(x), rotation, ctx, layer)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -15,7 +15,7 @@ from pixtral.model.args import ModelArgs
 from pixtral.model.attention import AttentionContext, PackedCausal
 from pixtral.model.decoder import TransformerBlock
 from pixtral.model.layers import RMSNorm
-from pixtral.model.rope import angles_1d
+from pixtral.model.rope import angles_1d, rotations
 from pixtral.model.vision_encoder import VisionTransformer
 
 
@@ -77,10 +77,9 @@ class Pixtral(nn.Module):
 
     def hidden_states(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Run the decoder blocks over embeddings [T, dim]; returns final-normed states."""
-        angles = angles_1d(ctx.positions, self.args.head_dim, self.args.rope_theta)
-        cos, sin = torch.cos(angles), torch.sin(angles)
+        rotation = rotations(angles_1d(ctx.positions, self.args.head_dim, self.args.rope_theta))
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, ctx, i)
+            h = layer(h, rotation, ctx, i)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from pixtral.model.args import VisionArgs
 from pixtral.model.attention import block_attention
 from pixtral.model.layers import FeedForward, RMSNorm
-from pixtral.model.rope import angles_2d, apply_rotary
+from pixtral.model.rope import angles_2d, apply_rotary, rotations
 
 
 class VisionAttention(nn.Module):
@@ -24,11 +24,11 @@ class VisionAttention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, cos, sin, seqlens: list[int]):
+    def forward(self, x, rotation, seqlens: list[int]):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         return self.wo(block_attention(q, k, v, seqlens).flatten(1))
 
 
@@ -40,8 +40,8 @@ class VisionBlock(nn.Module):
         self.feed_forward = FeedForward(args.hidden_size, args.intermediate_size)
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
 
-    def forward(self, x, cos, sin, seqlens):
-        h = x + self.attention(self.attention_norm(x), cos, sin, seqlens)
+    def forward(self, x, rotation, seqlens):
+        h = x + self.attention(self.attention_norm(x), rotation, seqlens)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -95,8 +95,8 @@ class VisionTransformer(nn.Module):
         angles = torch.cat(
             [angles_2d(h, w, self.args.head_dim, self.args.rope_theta, device=x.device) for h, w in grids]
         )
-        cos, sin = torch.cos(angles), torch.sin(angles)
+        rotation = rotations(angles)
         seqlens = [h * w for h, w in grids]
         for layer in self.transformer.layers:
-            x = layer(x, cos, sin, seqlens)
+            x = layer(x, rotation, seqlens)
         return x, grids

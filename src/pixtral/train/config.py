@@ -65,7 +65,10 @@ class TrainConfig:
     grad_accum: int = 1  # forward passes per optimizer step, per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = True  # autocast to bfloat16 on GPU (CPU always runs float32)
+    bf16: bool = True  # autocast to bfloat16 on GPU
+    # Autocast to bfloat16 on the CPU as well: about 2x faster on CPUs with AVX512-BF16 or AMX
+    # (measured on a Zen 4 EPYC), slower on others. Off by default: CPU runs stay exact float32.
+    cpu_bf16: bool = False
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
     save_every: int = 100  # steps between resumable checkpoints (0: only at the end)
     eval_every: int = 100  # steps between validations (0: never)

@@ -304,7 +304,8 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
 
     per_rank = cfg.micro_batch_size * cfg.grad_accum
     global_batch = per_rank * d.world
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and cfg.bf16
+    on_gpu = d.device.type == "cuda"
+    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if (cfg.bf16 if on_gpu else cfg.cpu_bf16)
                 else contextlib.nullcontext())
     bar = None
     if d.main and cfg.progress:

@@ -1,7 +1,8 @@
 """Synthetic chat data about generated images, for training and evaluating small Pixtral models.
 
 `pixtral data synth --out DIR --n N --seed S` (see `pixtral.data.synth.writer`) writes
-DIR/images/*.png, DIR/{train,val,test}.jsonl and DIR/manifest.json. Images cover
+DIR/images/*.png, DIR/{train,val,test}.jsonl (chat), DIR/pretrain.jsonl (one interleaved
+document per training image: the image and its description) and DIR/manifest.json. Images cover
 MM-MT-Bench's five image categories (charts, tables, documents, diagrams, misc); every
 question has a short exact answer (one word or one number) read from the image.
 
@@ -9,6 +10,7 @@ question has a short exact answer (one word or one number) read from the image.
     sample = generate_sample(seed=0, index=3, category="charts")
     sample.image              # PIL.Image.Image
     sample.turns              # [Turn(template, question, answer), ...]
+    sample.description        # "Bar chart Sales, 3 bars: A 4, C 7, D 1."
 """
 
 from pixtral.data.synth.base import Sample, Turn

@@ -26,6 +26,10 @@ class Sample:
     category: str
     image: Image.Image
     turns: list[Turn] = field(default_factory=list)
+    # Everything a question could ask about, in reading order ("Bar chart Sales: A 3, C 7."):
+    # the text of the interleaved pre-training documents, which supervise every part of the
+    # image at once instead of the one or two facts a question asks for.
+    description: str = ""
 
     @property
     def size(self) -> tuple[int, int]:

@@ -69,7 +69,9 @@ def generate(rng: random.Random) -> Sample:
         else:
             question, answer = questions[template], str(k)
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
-    return Sample(CATEGORY, canvas.image, turns)
+    pairs = ", ".join(f"{label} {value}" for label, value in zip(labels, values))
+    description = f"{kind.capitalize()} chart {title}, {k} {'bars' if kind == 'bar' else 'points'}: {pairs}."
+    return Sample(CATEGORY, canvas.image, turns, description)
 
 
 def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:

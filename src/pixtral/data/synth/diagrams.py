@@ -68,7 +68,12 @@ def generate(rng: random.Random) -> Sample:
             src, dst = rng.choice(arrows)
             question, answer = QUESTIONS[template].format(label=labels[src]), labels[dst]
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
-    return Sample(CATEGORY, canvas.image, turns)
+    # Reading order: top row, then bottom row (jitter never moves a node across the middle).
+    order = sorted(range(n), key=lambda i: (centres[i][1] > canvas.h / 2, centres[i][0]))
+    nodes = ", ".join(f"{colours[i]} {shapes[i]} {labels[i]}" for i in order)
+    links = ", ".join(f"{labels[a]} to {labels[b]}" for a, b in arrows)
+    description = f"Diagram: {nodes}. Arrows: {links}."
+    return Sample(CATEGORY, canvas.image, turns, description)
 
 
 def _layout(c: Canvas, rng: random.Random, n: int) -> tuple[list[tuple[float, float]], float]:

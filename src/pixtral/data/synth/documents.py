@@ -55,7 +55,9 @@ def generate(rng: random.Random) -> Sample:
             i = next(asked)
             question, answer = QUESTIONS[template].format(number=numbers[i]), words[i]
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
-    return Sample(CATEGORY, canvas.image, turns)
+    fields = " ".join(f"{word}: {number}." for word, number in zip(words, numbers))
+    description = f"Document titled {title}. {fields}"
+    return Sample(CATEGORY, canvas.image, turns, description)
 
 
 def _draw(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: list[int]) -> None:

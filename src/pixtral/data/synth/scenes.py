@@ -75,7 +75,11 @@ def generate(rng: random.Random) -> Sample:
         cx = x0 + cell * (place % cols + 0.5) + rng.uniform(-slack, slack)
         cy = y0 + cell * (place // cols + 0.5) + rng.uniform(-slack, slack)
         _draw_object(canvas, kind, cx, cy, size, COLORS[colour])
-    return Sample(CATEGORY, canvas.image, turns)
+    in_order = [objects[i] for i in sorted(range(len(objects)), key=places.__getitem__)]  # reading order
+    counts = [(sum(k == kind for k, _ in objects), kind) for kind in OBJECTS]
+    totals = ", ".join(f"{n} {OBJECT_PLURALS[kind] if n > 1 else kind}" for n, kind in counts if n)
+    description = f"Scene: {', '.join(f'{colour} {kind}' for kind, colour in in_order)}. {totals}."
+    return Sample(CATEGORY, canvas.image, turns, description)
 
 
 def _draw_object(c: Canvas, kind: str, cx: float, cy: float, s: float, fill) -> None:

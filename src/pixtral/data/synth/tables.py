@@ -61,7 +61,9 @@ def generate(rng: random.Random) -> Sample:
         else:
             question, answer = QUESTIONS[template], str(n_rows)
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
-    return Sample(CATEGORY, canvas.image, turns)
+    rows = " ".join(f"{item}: {' '.join(map(str, row))}." for item, row in zip(items, values))
+    description = f"Table, {n_rows} items, columns {' '.join(columns)}. {rows}"
+    return Sample(CATEGORY, canvas.image, turns, description)
 
 
 def _draw(c: Canvas, items: list[str], columns: list[str], values: list[list[int]], header_fill) -> None:
