@@ -166,3 +166,67 @@ def test_packed_samples_do_not_see_each_other(chat_data):
     alone = sum(model(*make_batch([e], proc, "cpu")) for e in examples[:3])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert isinstance(PackedCausal([2, 3]).positions, torch.Tensor)
+
+
+def test_cpu_bf16_autocast_trains_in_bfloat16(tmp_path, chat_data, monkeypatch):
+    """`cpu_bf16: true` runs the forward under bf16 autocast on the CPU (the default model's
+    recipe); off, the same run stays float32. Both learn."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    runs = {}
+    for flag in (False, True):
+        seen.clear()
+        cfg = tiny_config(tmp_path / f"run{flag}", chat_data, steps=8, cpu_bf16=flag)
+        train(load_config(write_config(tmp_path / f"c{flag}.yaml", cfg)), log=lambda *_: None)
+        runs[flag] = losses(tmp_path / f"run{flag}")
+        assert seen and all(s == flag for s in seen)
+    for flag, curve in runs.items():
+        assert curve[-1] < curve[0] * 0.8, (flag, curve)
+    assert runs[True] != runs[False]
+
+
+def test_image_feature_l2_keeps_image_features_small(tmp_path, chat_data):
+    """optim.image_feature_l2 adds the mean square of the adapter output to the training loss
+    (not to validation): trained with it, image features end up much smaller."""
+    from pixtral.processing import load_processor
+
+    rms = {}
+    for coef in (0.0, 1.0):
+        cfg = tiny_config(tmp_path / f"run{coef}", chat_data, steps=12, **{"optim.image_feature_l2": coef,
+                                                                           "optim.vision_lr_scale": 3.0})
+        final = train(load_config(write_config(tmp_path / f"c{coef}.yaml", cfg)), log=lambda *_: None)
+        model = load_model(final / "mistral")
+        processor = load_processor(final / "mistral")
+        _, images = processor.encode_chat([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(chat_data.parent / "images" / "train0.png")}},
+            {"type": "text", "text": "?"}]}])
+        with torch.no_grad():
+            rms[coef] = model.encode_images(images).pow(2).mean().sqrt().item()
+    assert rms[1.0] < 0.5 * rms[0.0], rms
+
+
+def test_image_feature_l2_is_a_training_term_only(chat_data):
+    from pixtral.model.args import preset
+    from pixtral.model import Pixtral
+    from pixtral.train.trainer import LossModel
+
+    torch.manual_seed(0)
+    model = Pixtral(preset("tiny"))
+    plain, penalised = LossModel(model), LossModel(model, image_feature_l2=0.5)
+    image = torch.randn(3, 32, 32)
+    n = model.image_token_counts([image])[0]
+    ids = torch.tensor([1] + [model.image_token_id] * n + [5, 6, 7])
+    args = (ids, [image], [len(ids)], torch.tensor([n + 1, n + 2]), torch.tensor([6, 7]))
+    features = model.encode_images([image])
+    expected_term = 0.5 * 2 * features.pow(2).mean()
+    torch.testing.assert_close(penalised(*args) - plain(*args), expected_term)
+    penalised.eval()
+    torch.testing.assert_close(penalised(*args), plain(*args))

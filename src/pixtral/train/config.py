@@ -50,6 +50,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     vision_lr_scale: float = 1.0  # lr multiplier for the vision encoder, adapter and patch merger
+    # Weight of the mean square of the image features (adapter output) added to the training loss,
+    # per target token. A vision encoder trained from scratch otherwise grows image features
+    # thousands of times larger than text embeddings; behind the decoder's RMSNorm, its updates then
+    # barely change what the decoder sees, and it learns to read very slowly. 0 disables.
+    image_feature_l2: float = 0.0
 
 
 @dataclass

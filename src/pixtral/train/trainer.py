@@ -38,9 +38,10 @@ CHECKPOINT = "checkpoint.pt"
 class LossModel(nn.Module):
     """Pixtral + the masked next-token loss, as one forward (what DDP/FSDP wrap)."""
 
-    def __init__(self, model: Pixtral):
+    def __init__(self, model: Pixtral, image_feature_l2: float = 0.0):
         super().__init__()
         self.model = model
+        self.image_feature_l2 = image_feature_l2
 
     def forward(self, ids, images, seqlens, target_pos, targets):
         m = self.model
@@ -48,7 +49,11 @@ class LossModel(nn.Module):
         h = m.embed(ids, features)
         hidden = m.hidden_states(h, PackedCausal(seqlens, device=ids.device))
         logits = m.logits(hidden[target_pos])  # only where there is a target: saves the vocab GEMM
-        return F.cross_entropy(logits, targets, reduction="sum")
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        if self.training and self.image_feature_l2 > 0 and features is not None:
+            # Per target token, like the loss: the mean square of the image features fed to the decoder.
+            loss = loss + self.image_feature_l2 * len(targets) * features.float().pow(2).mean()
+        return loss
 
 
 def model_args_from(cfg: TrainConfig) -> ModelArgs:
@@ -278,7 +283,7 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
     log(f"{stream.sequences_per_epoch()} packed sequences of <= {seq_len} tokens per epoch")
 
     model.to(d.device)
-    wrapped = distributed.wrap(LossModel(model), d, cfg.parallel)
+    wrapped = distributed.wrap(LossModel(model, cfg.optim.image_feature_l2), d, cfg.parallel)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     optimizer = torch.optim.AdamW(param_groups(wrapped, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
