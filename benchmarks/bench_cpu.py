@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/bench_cpu.py [--threads 2] [--new-tokens 64]
 
-Small Pixtral-shaped configs with random weights (fp32): dim 256 x 4 layers with the real 131072-token
-vocabulary, the same with a 32768-token one, and dim 64 x 2 layers with 32768 (prompts use only ids
-below 30000, so the tokenizer is unchanged). Measured in one run, same inputs:
+Small Pixtral configs in fp32: the embedded default model itself (dim 256 x 4 layers, 4000-token
+vocabulary, its own weights), and Pixtral-shaped models with random weights: dim 256 x 4 layers with
+the real 131072-token vocabulary, the same with a 32768-token one, and dim 64 x 2 layers with 32768
+(prompts use only ids below 30000, so the tokenizer is unchanged). Measured in one run, same inputs:
   - batch-1 decode tokens/s: (N - 1) / (time for N tokens - time for 1 token)
   - 8-way throughput: 8 prompts of equal length decoded together, output tokens/s end to end
   - time to first token for one image + a short question (prefill with the vision encoder)
@@ -36,7 +37,8 @@ from pixtral.generation import SamplingParams  # noqa: E402
 from pixtral.model.args import ModelArgs, VisionArgs  # noqa: E402
 from pixtral.processing import load_processor  # noqa: E402
 from pixtral.processing.loading import write_tokenizer_for  # noqa: E402
-from pixtral.train.tokenizer import write_small_tekken  # noqa: E402
+from pixtral.assets import DEFAULT_MODEL_DIR  # noqa: E402
+from pixtral.checkpoint import load_model  # noqa: E402
 
 
 def small_args(dim: int = 256, n_layers: int = 4, vocab_size: int = 131072) -> ModelArgs:
@@ -50,19 +52,26 @@ def small_args(dim: int = 256, n_layers: int = 4, vocab_size: int = 131072) -> M
 
 
 # (dim, layers, vocabulary): the real vocabulary, then smaller ones where per-step overhead shows.
-CONFIGS = {"small": (256, 4, 131072), "small-32k": (256, 4, 32768), "tiny-32k": (64, 2, 32768),
-           "default": (256, 4, 4000)}
+# "default": the embedded default model itself (its own weights and reduced tokenizer).
+CONFIGS = {"default": None, "small": (256, 4, 131072), "small-32k": (256, 4, 32768), "tiny-32k": (64, 2, 32768)}
 
 
-def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
-    device = torch.device("cpu")
-    model = random_model(args, device, torch.float32)
+def load_config(name: str):
+    """(model, processor, label) for one entry of CONFIGS, in float32 on the CPU."""
+    if CONFIGS[name] is None:
+        model = load_model(DEFAULT_MODEL_DIR, "cpu", torch.float32)
+        return model, load_processor(DEFAULT_MODEL_DIR), "the embedded default model (its own weights)"
+    args = small_args(*CONFIGS[name])
+    model = random_model(args, torch.device("cpu"), torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.vocab_size < 131072:  # a reduced Tekken, as the default model ships
-            tok = write_small_tekken(args.vocab_size - 1000, Path(tmp) / "tekken.json", args.vision)
-        else:
-            tok = write_tokenizer_for(args, Path(tmp) / "tekken.json")
-        processor = load_processor(tok)
+        processor = load_processor(write_tokenizer_for(args, Path(tmp) / "tekken.json"))
+    return model, processor, "random weights"
+
+
+def bench(name: str, n: int, prompt_tokens: int, reps: int) -> dict:
+    device = torch.device("cpu")
+    model, processor, weights = load_config(name)
+    args = model.args
     hf = hf_from_ours(model)
     llm = LLM.from_model(model, processor, num_blocks=2048, max_num_seqs=16)
 
@@ -153,7 +162,8 @@ def bench(args: ModelArgs, n: int, prompt_tokens: int, reps: int) -> dict:
     results["pixtral"]["chats_8_tok_s"] = useful / timed(ours_chats, device, reps)
     hf_r, our_r = results["transformers"], results["pixtral"]
     print(f"## dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, vocab "
-          f"{args.vocab_size}, vision {args.vision.hidden_size} wide x {args.vision.num_hidden_layers} layers; fp32")
+          f"{args.vocab_size}, vision {args.vision.hidden_size} wide x {args.vision.num_hidden_layers} layers; fp32, "
+          f"{weights}")
     print(f"prompt {len(text)} tokens, {n} new tokens; image prompt {len(image_ids)} tokens "
           f"({image.shape[1]}x{image.shape[2]} px); same greedy tokens as transformers: text {same_text}, "
           f"image {same_image}")
@@ -185,7 +195,7 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     print(f"# CPU benchmark: {describe_machine(torch.device('cpu'))}")
     print()
-    runs = [bench(small_args(*CONFIGS[c]), opts.new_tokens, opts.prompt_tokens, opts.repeats) for c in opts.configs]
+    runs = [bench(c, opts.new_tokens, opts.prompt_tokens, opts.repeats) for c in opts.configs]
     print(json.dumps({"device": describe_machine(torch.device("cpu")), "runs": runs}))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the embedded default model end to end (about 80 minutes on a 2-core Zen 4 CPU):
 #   1. synthetic data (seed 1): chat conversations and pre-training documents,
-#   2. train from scratch: configs/default_model.yaml, then configs/default_model_stage2.yaml from it,
+#   2. train from scratch: configs/default_model.yaml,
 #   3. install the weights into src/pixtral/assets/default_model/,
 #   4. evaluate with `pixtral eval synth` on held-out data from seed 3 (never used in training),
 #      with real and with blank images.
@@ -17,21 +17,19 @@ PIXTRAL="$PY -m pixtral.cli.main"
 if [[ ! -f runs/synth/manifest.json || ! -f runs/synth/pretrain.jsonl ]]; then
   $PIXTRAL data synth --out runs/synth --n 60000 --seed 1 --workers 2 --overwrite
 fi
-# Stage 1 from scratch; stage 2 continues from it (see the configs). RESUME=1 continues an interrupted
-# stage (`pixtral train --resume`).
-for stage in default_model default_model_stage2; do
-  run=runs/$stage
-  [[ -f $run/final/mistral/params.json ]] && continue
+# RESUME=1 continues an interrupted run (`pixtral train --resume`).
+run=runs/default_model
+if [[ ! -f $run/final/mistral/params.json ]]; then
   if [[ "${RESUME:-0}" == 1 && -f $run/checkpoint.pt ]]; then
-    $PIXTRAL train --config configs/$stage.yaml --resume
+    $PIXTRAL train --config configs/default_model.yaml --resume
   else
     rm -rf "$run"  # this script's own scratch run
-    $PIXTRAL train --config configs/$stage.yaml
+    $PIXTRAL train --config configs/default_model.yaml
   fi
-done
+fi
 dst=src/pixtral/assets/default_model
 mkdir -p "$dst"
-cp runs/default_model_stage2/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
+cp runs/default_model/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
 du -ch "$dst"/* | tail -1
 
 if [[ ! -f runs/synth_heldout/manifest.json ]]; then

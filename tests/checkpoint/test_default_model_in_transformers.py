@@ -1,19 +1,22 @@
 """The embedded default model converts to the Hugging Face layout that transformers itself loads
-(Mistral3: patch merger and the norm before it), with the same logits as ours."""
+(Mistral3: the patch merger and the norm before it), with the same logits as ours."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from pixtral.assets import DEFAULT_MODEL_DIR
 from pixtral.checkpoint import convert_checkpoint, load_model
 from pixtral.processing import load_processor
 
-from ..train.test_train import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_default_model_runs_in_transformers_with_our_logits(tmp_path):
-    transformers = __import__("transformers")
+    transformers = pytest.importorskip("transformers")
     hf_dir = convert_checkpoint(DEFAULT_MODEL_DIR, tmp_path / "hf", to="hf")
     hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Mistral3ForConditionalGeneration"

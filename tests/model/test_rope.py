@@ -45,6 +45,11 @@ def test_rotation_turns_adjacent_pairs():
 
 
 def test_rotation_in_float32_for_bf16_inputs():
-    x = torch.randn(3, 1, 4).bfloat16()
-    out = apply_rotary(x, rotations(torch.zeros(3, 2)))
-    assert out.dtype == torch.bfloat16 and torch.equal(out, x)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8).bfloat16()
+    rotation = rotations(torch.randn(3, 4) * 100)
+    out = apply_rotary(x, rotation)
+    assert out.dtype == torch.bfloat16
+    # rotated in float32, rounded once at the end
+    assert torch.equal(out, apply_rotary(x.float(), rotation).bfloat16())
+    assert not torch.equal(out, x)

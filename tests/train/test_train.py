@@ -162,8 +162,8 @@ def test_packed_samples_do_not_see_each_other(chat_data):
     tok = write_small_tekken(300, chat_data.parent / "packed" / "tekken.json", args.vision)
     proc = Processor.from_file(tok)
     examples, _ = load_jsonl(chat_data, proc, 1000)
-    packed = model(*make_batch(examples[:3], proc, "cpu"))
-    alone = sum(model(*make_batch([e], proc, "cpu")) for e in examples[:3])
+    packed = model(*make_batch(examples[:3], proc, "cpu"))[0]
+    alone = sum(model(*make_batch([e], proc, "cpu"))[0] for e in examples[:3])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert isinstance(PackedCausal([2, 3]).positions, torch.Tensor)
 
@@ -213,7 +213,7 @@ def test_image_feature_l2_keeps_image_features_small(tmp_path, chat_data):
     assert rms[1.0] < 0.5 * rms[0.0], rms
 
 
-def test_image_feature_l2_is_a_training_term_only(chat_data):
+def test_image_feature_l2_is_a_training_term_only(tmp_path, chat_data):
     from pixtral.model.args import preset
     from pixtral.model import Pixtral
     from pixtral.train.trainer import LossModel
@@ -226,7 +226,17 @@ def test_image_feature_l2_is_a_training_term_only(chat_data):
     ids = torch.tensor([1] + [model.image_token_id] * n + [5, 6, 7])
     args = (ids, [image], [len(ids)], torch.tensor([n + 1, n + 2]), torch.tensor([6, 7]))
     features = model.encode_images([image])
-    expected_term = 0.5 * 2 * features.pow(2).mean()
-    torch.testing.assert_close(penalised(*args) - plain(*args), expected_term)
+    (ce, none), (ce_again, term) = plain(*args), penalised(*args)
+    assert none == 0 and torch.equal(ce, ce_again)
+    torch.testing.assert_close(term, 0.5 * 2 * features.pow(2).mean())
     penalised.eval()
-    torch.testing.assert_close(penalised(*args), plain(*args))
+    assert penalised(*args)[1] == 0
+    # logged separately from the loss; a negative weight is refused
+    cfg = tiny_config(tmp_path / "run", chat_data, steps=2, **{"optim.image_feature_l2": 0.1})
+    train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=lambda *_: None)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["image_feature_l2"] > 0 for r in records)
+    from pixtral.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image_feature_l2"):
+        load_config(None, [f"data.train={chat_data}", "optim.image_feature_l2=-1"]).validate()

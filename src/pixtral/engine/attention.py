@@ -3,7 +3,7 @@
 `PagedAttention` serves any mix of prefill chunks and decodes: a flat run of tokens from many
 sequences. It writes the new keys/values into their slots, then, sequence by sequence, gathers
 that sequence's blocks and calls SDPA: simple, exact, and each sequence's result does not
-depend on what else is in the batch.
+depend on what else is in the batch (bit for bit).
 
 `BatchedDecodeAttention` serves steps made only of decodes (one new token per sequence): all
 rows in one fused SDPA call per layer, keys gathered to the longest context and masked per row.
@@ -85,48 +85,6 @@ class PagedAttention:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-class BatchedDecodeAttention:
-    """Rows of one new token each; row i at position `starts[i]` with its KV in `block_tables[i]`.
-
-    Every row gathers keys for positions 0..L-1 (L the longest context); positions past a row's
-    own context repeat its last written slot and are masked out, so only written, finite
-    slots are ever read. Grouped-query heads are folded into the query length, as in
-    `DecodeAttention`.
-    """
-
-    def __init__(self, cache: PagedKVCache, starts: list[int], block_tables: list[list[int]],
-                 device: torch.device):
-        self.cache = cache
-        bs = cache.block_size
-        pos = np.asarray(starts, dtype=np.int64)
-        longest = int(pos.max()) + 1
-        width = -(-longest // bs)
-        table = np.zeros((len(starts), width), dtype=np.int64)
-        for row, blocks in enumerate(block_tables):
-            used = blocks[:width]
-            table[row, : len(used)] = used
-        keys = np.minimum(np.arange(longest)[None, :], pos[:, None])  # [B, L], clamped to each row's last
-        gather = np.take_along_axis(table, keys // bs, axis=1) * bs + keys % bs
-        rows = np.arange(len(starts))
-        self.positions = torch.from_numpy(pos).to(device)
-        self.slots = torch.from_numpy(gather[rows, pos]).to(device)
-        self.gather = torch.from_numpy(gather.reshape(-1)).to(device)
-        self.longest = longest
-        keep = np.arange(longest)[None, :] <= pos[:, None]
-        self.mask = None if keep.all() else torch.from_numpy(keep[:, None, None, :]).to(device)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.layer(layer)
-        k_cache.index_copy_(0, self.slots, k)
-        v_cache.index_copy_(0, self.slots, v)
-        b, hq, d = q.shape
-        hkv = k.shape[1]
-        keys = k_cache.index_select(0, self.gather).view(b, self.longest, hkv, d).transpose(1, 2)
-        values = v_cache.index_select(0, self.gather).view(b, self.longest, hkv, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=self.mask)
-        return out.reshape(b, hq, d)
-
-
 class DecodeAttention:
     """Decode rows with static shapes: positions/slots [B], block_tables [B, W], context_lens [B].
 
@@ -146,14 +104,60 @@ class DecodeAttention:
         keep = torch.arange(width, device=positions.device)[None, :] < context_lens[:, None]
         self.mask = keep[:, None, None, :]  # [B, 1, 1, L]
 
+    def _gather(self, layer_cache: torch.Tensor) -> torch.Tensor:
+        """One layer's keys or values [num_blocks, block_size, Hkv, D] -> each row's [B, L, Hkv, D]."""
+        rows, _, heads, dim = self.block_tables.shape[0], *layer_cache.shape[1:]
+        return layer_cache.index_select(0, self.block_tables.flatten()).view(rows, -1, heads, dim)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
         b, hq, d = q.shape
         hkv = k.shape[1]
-        flat = self.block_tables.flatten()
-        keys = self.cache.k[layer].index_select(0, flat).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-        values = self.cache.v[layer].index_select(0, flat).view(b, -1, hkv, d).transpose(1, 2)
+        keys = self._gather(self.cache.k[layer]).transpose(1, 2)  # [B, Hkv, L, D]
+        values = self._gather(self.cache.v[layer]).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=self.mask)
         return out.reshape(b, hq, d)
+
+
+def padded_block_table(block_tables: list[list[int]], width: int, fill: int = 0) -> np.ndarray:
+    """Block tables as one [rows, width] array: each row cut or padded (with `fill`) to `width`."""
+    table = np.full((len(block_tables), width), fill, dtype=np.int64)
+    for row, blocks in enumerate(block_tables):
+        used = blocks[:width]
+        table[row, : len(used)] = used
+    return table
+
+
+class BatchedDecodeAttention(DecodeAttention):
+    """Rows of one new token each; row i at position `starts[i]` with its KV in `block_tables[i]`.
+
+    Every row gathers keys for positions 0..L-1 (L the longest context); positions past a row's
+    own context repeat its last written slot and are masked out, so only written, finite
+    slots are ever read, and an uninitialised CPU cache is safe. The fused kernel's sums can
+    differ from the per-sequence path's in the last bits (the batch pads to the longest
+    context), not in greedy tokens (tested). Attention itself is `DecodeAttention`'s.
+    """
+
+    def __init__(self, cache: PagedKVCache, starts: list[int], block_tables: list[list[int]],
+                 device: torch.device):
+        self.cache = cache
+        bs = cache.block_size
+        pos = np.asarray(starts, dtype=np.int64)
+        longest = int(pos.max()) + 1
+        width = -(-longest // bs)
+        table = padded_block_table(block_tables, width)
+        keys = np.minimum(np.arange(longest)[None, :], pos[:, None])  # [B, L], clamped to each row's last
+        gather = np.take_along_axis(table, keys // bs, axis=1) * bs + keys % bs
+        rows = np.arange(len(starts))
+        self.positions = torch.from_numpy(pos).to(device)
+        self.slots = torch.from_numpy(gather[rows, pos]).to(device)
+        self.gather = torch.from_numpy(gather.reshape(-1)).to(device)
+        self.longest = longest
+        keep = np.arange(longest)[None, :] <= pos[:, None]
+        self.mask = None if keep.all() else torch.from_numpy(keep[:, None, None, :]).to(device)
+
+    def _gather(self, layer_cache: torch.Tensor) -> torch.Tensor:
+        rows, heads, dim = len(self.positions), *layer_cache.shape[2:]
+        return layer_cache.flatten(0, 1).index_select(0, self.gather).view(rows, self.longest, heads, dim)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pixtral.engine.attention import DecodeAttention
+from pixtral.engine.attention import DecodeAttention, padded_block_table
 from pixtral.engine.block_allocator import NULL_BLOCK
 from pixtral.engine.kv_cache import PagedKVCache
 
@@ -110,10 +110,7 @@ class CudaGraphDecoder:
         n = len(ids)
         batch = self._batch(n)
         width = self._width(max(-(-c // self.block_size) for c in context_lens))
-        table = torch.full((n, width), NULL_BLOCK, dtype=torch.long)
-        for row, blocks in enumerate(block_tables):
-            used = blocks[:width]
-            table[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        table = torch.from_numpy(padded_block_table(block_tables, width, fill=NULL_BLOCK))
         self._pad_inputs(n)
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
         self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)

@@ -2,8 +2,9 @@
 
 The flat batch: the token ids of every chunk back to back, their embeddings with image
 features put in the prompt's [IMG] slots, an attention context over the paged cache, and
-logits for the last token of each chunk that reaches its sequence's end. On the GPU, steps
-made only of decodes replay a CUDA graph instead.
+logits for the last token of each chunk that reaches its sequence's end. Steps made only of
+decodes take a shorter road: on the GPU they replay a CUDA graph, on the CPU they run one
+batched attention call per layer (`BatchedDecodeAttention`) instead of one per sequence.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ class ModelRunner:
     # ------------------------------------------------------------------ decoder
     def forward(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
         """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
-        if self.graphs is not None and all(c.length == 1 and c.samples and c.start >= c.request.prompt_len
-                                           for c in chunks) and self.graphs.fits(
-                len(chunks), max(c.start + 1 for c in chunks)):
+        decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
+        if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max(c.start + 1 for c in chunks)):
             return self._decode_with_graph(chunks)
-        if all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks):
+        if decode_only and self.device.type == "cpu":  # on the GPU, past the graphs' shapes, gather only real tokens
             return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])

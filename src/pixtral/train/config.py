@@ -93,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"config: unknown 'freeze' entries {sorted(bad)} (use vision_encoder, adapter, decoder)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"config: 'parallel' must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.optim.image_feature_l2 < 0:
+            raise ConfigError(f"config: 'optim.image_feature_l2' must be 0 or positive, got {self.optim.image_feature_l2}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"config: 'save_dtype' must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if self.data.on_error not in ("skip", "fail"):

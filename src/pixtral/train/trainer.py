@@ -36,7 +36,12 @@ CHECKPOINT = "checkpoint.pt"
 
 # ---------------------------------------------------------------------- model
 class LossModel(nn.Module):
-    """Pixtral + the masked next-token loss, as one forward (what DDP/FSDP wrap)."""
+    """Pixtral + the masked next-token loss, as one forward (what DDP/FSDP wrap).
+
+    Returns the cross-entropy summed over target tokens and the image-feature penalty
+    (`optim.image_feature_l2`, training only); the optimizer minimises their sum, the logs
+    report the cross-entropy.
+    """
 
     def __init__(self, model: Pixtral, image_feature_l2: float = 0.0):
         super().__init__()
@@ -50,10 +55,11 @@ class LossModel(nn.Module):
         hidden = m.hidden_states(h, PackedCausal(seqlens, device=ids.device))
         logits = m.logits(hidden[target_pos])  # only where there is a target: saves the vocab GEMM
         loss = F.cross_entropy(logits, targets, reduction="sum")
+        penalty = loss.new_zeros(())
         if self.training and self.image_feature_l2 > 0 and features is not None:
             # Per target token, like the loss: the mean square of the image features fed to the decoder.
-            loss = loss + self.image_feature_l2 * len(targets) * features.float().pow(2).mean()
-        return loss
+            penalty = self.image_feature_l2 * len(targets) * features.float().pow(2).mean()
+        return loss, penalty  # summed cross-entropy, and the regulariser (0 unless training with it)
 
 
 def model_args_from(cfg: TrainConfig) -> ModelArgs:
@@ -325,7 +331,7 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
         total_targets = sum(n_targets(train_set[i]) for s in seqs for i in s)
         step_tokens = sum(len(train_set[i]) - 1 for s in seqs for i in s)
         mine = seqs[d.rank * per_rank:(d.rank + 1) * per_rank]
-        loss_sum = 0.0
+        loss_sum, penalty_sum = 0.0, 0.0
         for micro in range(cfg.grad_accum):
             group = [train_set[i] for s in mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size] for i in s]
             ids, images, seqlens, pos, targets = make_batch(group, processor, d.device)
@@ -333,11 +339,13 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
             sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
             with sync:
                 with autocast:
-                    loss = wrapped(ids, images, seqlens, pos, targets)
+                    loss, penalty = wrapped(ids, images, seqlens, pos, targets)
                 # DDP/FSDP average gradients over processes; undo that to get the global mean.
-                (loss * (d.world / total_targets)).backward()
+                ((loss + penalty) * (d.world / total_targets)).backward()
             loss_sum += loss.item()
-        loss_value = distributed.all_sum(d, [loss_sum])[0] / total_targets
+            penalty_sum += penalty.item()
+        loss_sum, penalty_sum = distributed.all_sum(d, [loss_sum, penalty_sum])
+        loss_value = loss_sum / total_targets
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
@@ -353,6 +361,8 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
                   "elapsed_s": round(elapsed, 2)}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if cfg.optim.image_feature_l2 > 0:
+            record["image_feature_l2"] = penalty_sum / total_targets
         if cfg.eval_every and val_set and (done % cfg.eval_every == 0 or done == cfg.steps):
             record["val_loss"] = validate(wrapped, val_set, processor, cfg, d, autocast)
             wrapped.train()
@@ -390,7 +400,7 @@ def validate(wrapped, val_set, processor, cfg: TrainConfig, d, autocast) -> floa
             group = [val_set[i] for i in stream[k]]
             ids, images, seqlens, pos, targets = make_batch(group, processor, d.device)
             with autocast:
-                loss += wrapped(ids, images, seqlens, pos, targets).item()
+                loss += wrapped(ids, images, seqlens, pos, targets)[0].item()
             count += len(targets)
     loss, count = distributed.all_sum(d, [loss, count])
     return loss / max(count, 1)
