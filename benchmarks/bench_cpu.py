@@ -94,7 +94,8 @@ def bench(name: str, n: int, prompt_tokens: int, reps: int) -> dict:
         question = " ".join(["Describe the picture in detail."] * (1 + i % 3))
         ids, imgs = processor.encode_chat([{"role": "user", "content": [{"type": "image", "image": picture},
                                                                          {"type": "text", "text": question}]}])
-        chats.append((ids, imgs[0]))
+        top = min(30000, args.vocab_size)  # text ids any of the vocabularies holds (as `text_prompt`)
+        chats.append(([t if t < top else 1000 + t % (top - 1000) for t in ids], imgs[0]))
     chat_prompts = [Prompt(ids, [img]) for ids, img in chats]
 
     def hf_generate(ids, new, img=None):
@@ -103,7 +104,7 @@ def bench(name: str, n: int, prompt_tokens: int, reps: int) -> dict:
             kwargs = {"pixel_values": img[None], "image_sizes": torch.tensor([list(img.shape[1:])])}
         inputs = torch.tensor(ids if isinstance(ids[0], list) else [ids])
         with torch.inference_mode():
-            out = hf.generate(inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=11,
+            out = hf.generate(inputs, max_new_tokens=new, do_sample=False, pad_token_id=11,
                               **kwargs)
         return out[:, inputs.shape[1]:].tolist()
 
@@ -127,7 +128,7 @@ def bench(name: str, n: int, prompt_tokens: int, reps: int) -> dict:
         sizes = torch.tensor([list(img.shape[1:]) for _, img in chats])
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, do_sample=False,
-                        max_new_tokens=max(chat_new), min_new_tokens=max(chat_new), pad_token_id=11)
+                        max_new_tokens=max(chat_new), pad_token_id=11)
 
     def hf_chats_sequential():
         for (prompt, img), new in zip(chats, chat_new):

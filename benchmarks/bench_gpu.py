@@ -58,7 +58,7 @@ def run_hf(hf, prompts, device, n, reps) -> dict[str, float]:
                       "image_sizes": torch.tensor([list(img.shape[1:]) for img in images], device=device)}
         inputs = torch.tensor(ids if isinstance(ids[0], list) else [ids], device=device)
         with torch.inference_mode():
-            return hf.generate(inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=11,
+            return hf.generate(inputs, max_new_tokens=new, do_sample=False, pad_token_id=11,
                                **kwargs)
 
     def vision():

@@ -68,6 +68,10 @@ def hf_from_ours(model: Pixtral):
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
         raise RuntimeError(f"weight mapping to transformers failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # Our runs use ignore_eos (EOS is an ordinary token, generation runs to max_tokens); transformers
+    # must neither stop at EOS nor ban it (as min_new_tokens would), or a trained model's greedy
+    # continuations differ as soon as EOS is the top token.
+    hf.generation_config.eos_token_id = None
     return hf.eval().requires_grad_(False)
 
 

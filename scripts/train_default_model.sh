@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model end to end (about 80 minutes on a 2-core Zen 4 CPU):
+# Reproduce the embedded default model end to end (about 65 minutes on a 2-core Zen 4 CPU):
 #   1. synthetic data (seed 1): chat conversations and pre-training documents,
 #   2. train from scratch: configs/default_model.yaml,
 #   3. install the weights into src/pixtral/assets/default_model/,
