@@ -58,21 +58,27 @@ def test_encoder_cache_evicts_least_recently_used():
     assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"c") is not None
 
 
+def filled_cache(args, tables: list[list[int]], lengths: list[int], unwritten: float) -> PagedKVCache:
+    """12 blocks of 4 slots: random keys/values for tokens [0, n) of each sequence, `unwritten` elsewhere."""
+    cache = PagedKVCache(args, 12, 4, torch.device("cpu"), torch.float32)
+    cache.k.fill_(unwritten)
+    cache.v.fill_(unwritten)
+    for layer in range(args.n_layers):
+        k_flat, v_flat = cache.layer(layer)
+        for table, n in zip(tables, lengths):
+            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
+            k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+            v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+    return cache
+
+
 def test_decode_attention_static_shapes_match_paged(model):
     """The CUDA-graph decode context, run eagerly on the CPU, equals the per-sequence one."""
     args = model.args
     torch.manual_seed(0)
-    cache = PagedKVCache(args, 12, 4, torch.device("cpu"), torch.float32)
-    cache.k.zero_()
-    cache.v.zero_()
     tables = [[3, 5, 1], [7], [2, 9, 10, 11]]
     lengths = [9, 3, 12]  # tokens already cached before this step
-    for layer in range(args.n_layers):
-        for table, n in zip(tables, lengths):
-            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
-            k_flat, v_flat = cache.layer(layer)
-            k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
-            v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+    cache = filled_cache(args, tables, lengths, unwritten=0.0)
     q = torch.randn(3, args.n_heads, args.head_dim)
     k = torch.randn(3, args.n_kv_heads, args.head_dim)
     v = torch.randn(3, args.n_kv_heads, args.head_dim)
@@ -100,17 +106,9 @@ def test_batched_decode_attention_matches_per_sequence(model):
     reads only written slots: the rest of the cache is NaN here."""
     args = model.args
     torch.manual_seed(1)
-    cache = PagedKVCache(args, 12, 4, torch.device("cpu"), torch.float32)
-    cache.k.fill_(float("nan"))
-    cache.v.fill_(float("nan"))
     tables = [[3, 5, 1], [7], [2, 9, 10, 11], [4, 6]]
     lengths = [9, 3, 12, 4]  # tokens cached before this step (the last row starts a new block)
-    for layer in range(args.n_layers):
-        for table, n in zip(tables, lengths):
-            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
-            k_flat, v_flat = cache.layer(layer)
-            k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
-            v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
+    cache = filled_cache(args, tables, lengths, unwritten=float("nan"))
     q = torch.randn(4, args.n_heads, args.head_dim)
     k = torch.randn(4, args.n_kv_heads, args.head_dim)
     v = torch.randn(4, args.n_kv_heads, args.head_dim)
