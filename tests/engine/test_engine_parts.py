@@ -210,3 +210,28 @@ def test_cuda_graph_decoder_inputs_on_cpu(model, processor, monkeypatch):
     assert captured and all(b in decoder.batch_sizes and w >= 16 for b, w in captured)
     assert (8, 16) in captured or (4, 16) in captured  # padded batches were used
     assert not decoder.fits(9, 10) and not decoder.fits(8, 1024)  # too many rows / too many gathered tokens
+
+
+def test_decode_past_the_gather_limit_takes_the_per_sequence_path(model, processor, monkeypatch):
+    """Decode steps whose padded gather would be too large run per sequence, with the same tokens."""
+    import pixtral.engine.model_runner as model_runner
+
+    convs = [[user(f"Picture {i}", image_uri(60 + i))] for i in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    batched = LLM.from_model(model, processor, num_blocks=256).chat(convs, greedy)
+    used = []
+    original = BatchedDecodeAttention.__init__
+    monkeypatch.setattr(BatchedDecodeAttention, "__init__", lambda self, *a: used.append(1) or original(self, *a))
+    monkeypatch.setattr(model_runner, "MAX_GATHER_TOKENS", 1)
+    per_sequence = LLM.from_model(model, processor, num_blocks=256).chat(convs, greedy)
+    assert not used
+    assert [o.outputs[0].token_ids for o in per_sequence] == [o.outputs[0].token_ids for o in batched]
+
+
+def test_image_features_of_a_packed_pass_are_separate_copies(model, processor):
+    """The encoder cache keeps each image's features; they must not pin the whole packed pass."""
+    llm = LLM.from_model(model, processor, num_blocks=256)
+    images = [chat_prompt(processor, [user("Hi", image_uri(70 + i))]).images[0] for i in range(2)]
+    first, second = llm.engine.runner.encode_images(images)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert first.untyped_storage().nbytes() == first.numel() * first.element_size()

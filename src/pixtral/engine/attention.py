@@ -26,6 +26,12 @@ from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.model.attention import sdpa
 
 
+# Batched decode attention gathers every row's keys and values padded to the longest context.
+# Past this many tokens in all rows, the per-sequence path (which gathers only real tokens) is
+# the better deal: 2**18 tokens of NeMo 12B's keys and values are 1 GiB per layer in bf16.
+MAX_GATHER_TOKENS = 2**18
+
+
 @dataclass
 class SeqChunk:
     """Tokens [start, start + length) of one sequence, whose KV lives in `block_ids`."""
@@ -53,35 +59,27 @@ class PagedAttention:
             np.concatenate([np.arange(c.start, c.start + c.length) for c in chunks])).to(device)
         self.slots = torch.from_numpy(slot_mapping(chunks, bs)).to(device)
         self.lengths = [c.length for c in chunks]
-        self.blocks, self.masks = [], []
-        for c in chunks:
-            end = c.start + c.length
-            if c.start == 0:  # nothing cached before: attend to the chunk's own k/v, causally
-                self.blocks.append(None)
-                self.masks.append(None)
-                continue
-            n_blocks = -(-end // bs)
-            self.blocks.append(torch.tensor(c.block_ids[:n_blocks], dtype=torch.long, device=device))
-            if c.length == 1:
-                self.masks.append(None)  # a single query sees every key
-            else:  # query i (at position start + i) sees keys up to its own position
-                pos = torch.arange(c.start, end, device=device)
-                self.masks.append(torch.arange(end, device=device)[None, :] <= pos[:, None])
+        # Blocks holding each chunk's keys so far; None when nothing is cached before the chunk
+        # (it then attends to its own k/v alone).
+        self.blocks = [None if c.start == 0 else
+                       torch.tensor(c.block_ids[: -(-(c.start + c.length) // bs)], dtype=torch.long, device=device)
+                       for c in chunks]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
         outs = []
-        for c, blocks, mask, qs, ks, vs in zip(self.chunks, self.blocks, self.masks, q.split(self.lengths),
-                                                k.split(self.lengths), v.split(self.lengths)):
+        for c, blocks, qs, ks, vs in zip(self.chunks, self.blocks, q.split(self.lengths), k.split(self.lengths),
+                                         v.split(self.lengths)):
             if blocks is None:
                 outs.append(sdpa(qs, ks, vs, causal=True))
                 continue
             end = c.start + c.length
             keys = self.cache.k[layer].index_select(0, blocks).flatten(0, 1)[:end]
             values = self.cache.v[layer].index_select(0, blocks).flatten(0, 1)[:end]
-            outs.append(sdpa(qs, keys, values, mask=mask))
+            # The chunk's queries are the last c.length of the `end` keys: query i sees up to start + i.
+            outs.append(sdpa(qs, keys, values, causal=True))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

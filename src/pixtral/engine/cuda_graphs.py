@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pixtral.engine.attention import DecodeAttention, padded_block_table
+from pixtral.engine.attention import MAX_GATHER_TOKENS, DecodeAttention, padded_block_table
 from pixtral.engine.block_allocator import NULL_BLOCK
 from pixtral.engine.kv_cache import PagedKVCache
 
@@ -26,7 +26,7 @@ MIN_WIDTH = 16  # blocks: the narrowest block table captured
 
 class CudaGraphDecoder:
     def __init__(self, model, cache: PagedKVCache, max_batch: int, max_model_len: int,
-                 max_gather_tokens: int = 2**18):
+                 max_gather_tokens: int = MAX_GATHER_TOKENS):
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.max_blocks = -(-max_model_len // self.block_size)
@@ -71,7 +71,7 @@ class CudaGraphDecoder:
         ctx = DecodeAttention(self.cache, self.positions[:batch], self.slots[:batch],
                               self.block_tables[:batch, :width], self.context_lens[:batch])
         hidden = self.model.hidden_states(self.model.tok_embeddings(self.ids[:batch]), ctx)
-        self.logits[:batch].copy_(self.model.logits(hidden))
+        self.logits[:batch].copy_(self.model.output(hidden))  # copy_ casts to float32: no extra temporary
 
     def _capture(self, batch: int, width: int) -> torch.cuda.CUDAGraph:
         if self.pool is None:
@@ -99,7 +99,8 @@ class CudaGraphDecoder:
     def capture_all(self, widths: list[int] | None = None) -> None:
         """Capture ahead of time (server start) so first requests do not pay for it."""
         self._pad_inputs(0)
-        for width in widths or [MIN_WIDTH, 4 * MIN_WIDTH]:
+        # Clamped as `run` clamps them, so that a graph is stored under the key `run` looks up.
+        for width in sorted({self._width(w) for w in widths or [MIN_WIDTH, 4 * MIN_WIDTH]}):
             for batch in self.batch_sizes:
                 if (batch, width) not in self.graphs and batch * width * self.block_size <= self.max_gather_tokens:
                     self._capture(batch, width)

@@ -3,8 +3,10 @@
 The flat batch: the token ids of every chunk back to back, their embeddings with image
 features put in the prompt's [IMG] slots, an attention context over the paged cache, and
 logits for the last token of each chunk that reaches its sequence's end. Steps made only of
-decodes take a shorter road: on the GPU they replay a CUDA graph, on the CPU they run one
-batched attention call per layer (`BatchedDecodeAttention`) instead of one per sequence.
+decodes take a shorter road: on the GPU they replay a CUDA graph; otherwise (the CPU, or shapes
+no graph covers) they run one batched attention call per layer (`BatchedDecodeAttention`)
+instead of one per sequence, as long as padding every row to the longest context stays within
+`MAX_GATHER_TOKENS`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixtral.engine.attention import BatchedDecodeAttention, PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import (MAX_GATHER_TOKENS, BatchedDecodeAttention, PagedAttention, SeqChunk,
+                                     slot_mapping)
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.engine.scheduler import ScheduledChunk
@@ -33,7 +36,10 @@ class ModelRunner:
     def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images of any number of requests, in one packed vision pass -> features per image."""
         counts = self.model.image_token_counts(images)
-        return list(self.model.encode_images(images).split(counts))
+        parts = self.model.encode_images(images).split(counts)
+        # Copies, when several: the encoder cache keeps each image's features, and a view would keep
+        # the whole packed pass alive (and uncounted by the cache's budget).
+        return [p.clone() for p in parts] if len(parts) > 1 else list(parts)
 
     # ------------------------------------------------------------------ decoder
     def forward(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
@@ -41,7 +47,7 @@ class ModelRunner:
         decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
         if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max(c.start + 1 for c in chunks)):
             return self._decode_with_graph(chunks)
-        if decode_only and self.device.type == "cpu":  # on the GPU, past the graphs' shapes, gather only real tokens
+        if decode_only and len(chunks) * max(c.start + 1 for c in chunks) <= MAX_GATHER_TOKENS:
             return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])

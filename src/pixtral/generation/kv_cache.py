@@ -49,10 +49,5 @@ class CacheStep:
         if layer == c.k.shape[0] - 1:
             c.length = e
         keys, values = c.k[layer, :e], c.v[layer, :e]
-        if self.n == 1:
-            return sdpa(q, keys, values)
-        if s == 0:
-            return sdpa(q, keys, values, causal=True)
-        # Chunk appended after a prefix: token i sees keys up to position s + i.
-        mask = torch.arange(e, device=q.device)[None, :] <= self.positions[:, None]
-        return sdpa(q, keys, values, mask=mask)
+        # The new tokens are the last n of the e keys: token i sees keys up to position s + i.
+        return sdpa(q, keys, values, causal=True)

@@ -22,16 +22,46 @@ class AttentionContext(Protocol):
         ...
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-         mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over [T, H, D] tensors (one sequence), grouped-query aware."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """Attention over [T, H, D] tensors of one sequence, grouped-query aware.
+
+    causal: the Lq queries are the last Lq of the Lk key positions, so query i sees keys up to
+    Lk - Lq + i (bottom-right aligned: plain causal when Lq == Lk, as for a chunk of a prompt
+    appended after its cached prefix).
+    """
+    lq, lk = q.shape[0], k.shape[0]
+    gqa = q.shape[1] != k.shape[1]
     # A batch of one, because PyTorch's fused CPU kernel only takes 4-D inputs: 3-D ones fall
     # back to the unfused math path, several times slower and memory-hungry.
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, is_causal=causal and mask is None, enable_gqa=q.shape[1] != k.shape[1],
-    )
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if not causal or lq == 1:  # a single (newest) query sees every key
+        out = F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=gqa)
+    elif lq == lk:
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)
+    elif q.is_cuda:
+        out = lower_right_causal_sdpa(qb, kb, vb)
+    else:
+        mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lk - lq, lk, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)
     return out[0].transpose(0, 1)
+
+
+def lower_right_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bottom-right causal attention over [B, H, L, D] without a materialised mask (the GPU path).
+
+    On CUDA a boolean mask rules out the flash kernel, and the memory-efficient one has no
+    grouped-query support, so a masked GQA call lands on the math kernel, which builds the whole
+    [H, Lq, Lk] score tensor in float32 (16 GiB for an 8192-token chunk after an 8192-token
+    prefix on NeMo 12B). PyTorch's `causal_lower_right` bias runs the flash or memory-efficient
+    kernel with the diagonal moved instead; key/value heads are repeated for it first (the same
+    grouping as `enable_gqa`: query head h reads key head h // (Hq / Hkv)).
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    if q.shape[1] != k.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
 
 
 class PackedCausal:
