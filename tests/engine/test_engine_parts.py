@@ -212,6 +212,25 @@ def test_cuda_graph_decoder_inputs_on_cpu(model, processor, monkeypatch):
     assert not decoder.fits(9, 10) and not decoder.fits(8, 1024)  # too many rows / too many gathered tokens
 
 
+def test_cuda_graph_capture_all_covers_every_shape_run_can_ask_for(model, processor, monkeypatch):
+    """After `capture_all`, no decode step that `fits` captures anything (with 'graphs' recorded
+    instead of captured, as above): widths are clamped to the longest block table."""
+    from pixtral.engine.cuda_graphs import CudaGraphDecoder
+
+    llm = LLM.from_model(model, processor, num_blocks=64)
+    decoder = CudaGraphDecoder(model, llm.engine.cache, max_batch=8, max_model_len=600, max_gather_tokens=2**12)
+    captured = []
+    monkeypatch.setattr(decoder, "_capture", lambda b, w: captured.append((b, w)) or decoder.graphs.setdefault((b, w), 0))
+    decoder.capture_all()
+    assert decoder.max_blocks == 38 and {w for _, w in captured} == {16, 32, 38}
+    assert len(captured) == len(set(captured))
+    for n in range(1, 9):
+        for context in range(1, 601, 7):
+            if decoder.fits(n, context):
+                width = decoder._width(-(-context // decoder.block_size))
+                assert (decoder._batch(n), width) in decoder.graphs, (n, context)
+
+
 def test_decode_past_the_gather_limit_takes_the_per_sequence_path(model, processor, monkeypatch):
     """Decode steps whose padded gather would be too large run per sequence, with the same tokens."""
     import pixtral.engine.model_runner as model_runner

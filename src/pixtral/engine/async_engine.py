@@ -103,8 +103,7 @@ class AsyncEngine:
         from pixtral.engine.llm import LLM
 
         kwargs = {"image_policy": image_policy} if image_policy is not None else {}
-        llm = LLM(path, device, dtype, **kwargs, **engine_options)
-        llm.engine.warmup()
+        llm = LLM(path, device, dtype, **kwargs, **engine_options)  # warmed up (GPU graphs captured)
         return cls(llm.engine)
 
     # ------------------------------------------------------------------ properties

@@ -97,10 +97,18 @@ class CudaGraphDecoder:
         self.context_lens[n:].fill_(1)
 
     def capture_all(self, widths: list[int] | None = None) -> None:
-        """Capture ahead of time (server start) so first requests do not pay for it."""
+        """Capture ahead of time (engine start) so that no request waits for a capture.
+
+        Default: every width `run` can ask for (powers of two from MIN_WIDTH, and max_blocks),
+        each with every batch bucket within the gather limit. Widths are clamped as `run`
+        clamps them, so that each graph is stored under the key `run` looks up.
+        """
         self._pad_inputs(0)
-        # Clamped as `run` clamps them, so that a graph is stored under the key `run` looks up.
-        for width in sorted({self._width(w) for w in widths or [MIN_WIDTH, 4 * MIN_WIDTH]}):
+        if widths is None:
+            widths = [MIN_WIDTH]
+            while widths[-1] < self.max_blocks:
+                widths.append(2 * widths[-1])
+        for width in sorted({self._width(w) for w in widths}):
             for batch in self.batch_sizes:
                 if (batch, width) not in self.graphs and batch * width * self.block_size <= self.max_gather_tokens:
                     self._capture(batch, width)

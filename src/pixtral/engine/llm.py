@@ -61,6 +61,7 @@ class LLM:
     def _setup(self, model, processor, engine_options: dict[str, Any]) -> None:
         self.model, self.processor = model, processor
         self.engine = Engine(model, processor, EngineConfig(**engine_options))
+        self.engine.warmup()  # GPU: decode graphs captured now, not during the first requests
 
     # ------------------------------------------------------------------ API
     def chat(self, conversations: list[list[dict]] | list[dict],
