@@ -96,18 +96,16 @@ class CudaGraphDecoder:
         self.block_tables[n:].fill_(NULL_BLOCK)
         self.context_lens[n:].fill_(1)
 
-    def capture_all(self, widths: list[int] | None = None) -> None:
+    def capture_all(self) -> None:
         """Capture ahead of time (engine start) so that no request waits for a capture.
 
-        Default: every width `run` can ask for (powers of two from MIN_WIDTH, and max_blocks),
-        each with every batch bucket within the gather limit. Widths are clamped as `run`
-        clamps them, so that each graph is stored under the key `run` looks up.
+        Every width `run` can ask for (powers of two from MIN_WIDTH, the last one clamped to
+        max_blocks as `_width` clamps it), each with every batch bucket within the gather limit.
         """
         self._pad_inputs(0)
-        if widths is None:
-            widths = [MIN_WIDTH]
-            while widths[-1] < self.max_blocks:
-                widths.append(2 * widths[-1])
+        widths = [MIN_WIDTH]
+        while widths[-1] < self.max_blocks:
+            widths.append(2 * widths[-1])
         for width in sorted({self._width(w) for w in widths}):
             for batch in self.batch_sizes:
                 if (batch, width) not in self.graphs and batch * width * self.block_size <= self.max_gather_tokens:

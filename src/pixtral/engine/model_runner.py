@@ -45,10 +45,12 @@ class ModelRunner:
     def forward(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
         """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
         decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
-        if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max(c.start + 1 for c in chunks)):
-            return self._decode_with_graph(chunks)
-        if decode_only and len(chunks) * max(c.start + 1 for c in chunks) <= MAX_GATHER_TOKENS:
-            return self._decode(chunks)
+        if decode_only:
+            longest = max(c.start + 1 for c in chunks)  # context of the longest row, this token included
+            if self.graphs is not None and self.graphs.fits(len(chunks), longest):
+                return self._decode_with_graph(chunks)
+            if len(chunks) * longest <= MAX_GATHER_TOKENS:
+                return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])
         h = self.model.tok_embeddings(torch.from_numpy(ids).to(self.device))

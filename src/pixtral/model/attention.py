@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 class AttentionContext(Protocol):
@@ -56,8 +57,6 @@ def lower_right_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     kernel with the diagonal moved instead; key/value heads are repeated for it first (the same
     grouping as `enable_gqa`: query head h reads key head h // (Hq / Hkv)).
     """
-    from torch.nn.attention.bias import causal_lower_right
-
     if q.shape[1] != k.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
