@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py                 # both, side by side (needs ~50 GB of GPU memory)
     python benchmarks/bench_gpu.py --skip-hf       # ours only
     python benchmarks/bench_gpu.py --quick         # fewer tokens and chats, for a smoke run
+    python benchmarks/bench_gpu.py --profile prof.txt   # also where our time goes (torch.profiler tables)
 
 Measured, for each implementation, on the same weights and inputs:
   - batch-1 decode tokens/s                        (N - 1) / (t(N tokens) - t(1 token))
@@ -24,13 +25,14 @@ import gc
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, hf_from_ours, random_model, text_prompt, timed  # noqa: E402
+from common import describe_machine, hf_from_ours, random_model, synchronize, text_prompt, timed  # noqa: E402
 
 from pixtral.engine import LLM, Prompt  # noqa: E402
 from pixtral.generation import SamplingParams  # noqa: E402
@@ -115,6 +117,47 @@ def run_ours(llm, prompts, device, n, reps) -> dict[str, float]:
     return r
 
 
+def profile_ours(llm, prompts, device, path: Path) -> None:
+    """torch.profiler tables for each of our timed cases: by device time, then by host (CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text, image, chats = prompts["text"], prompts["image"], prompts["chats"]
+
+    def generate(ps, new):
+        llm.engine.reset_prefix_cache()
+        return llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+
+    on_device = [img.to(device) for img in image.images]
+
+    def vision():
+        with torch.inference_mode():
+            llm.model.encode_images(on_device)
+
+    cases = {"batch-1 decode, 16 tokens": lambda: generate([text], 16),
+             "TTFT, 1024x1024 image": lambda: generate([image], 1),
+             "vision encoder, 1024x1024": vision,
+             f"{len(chats)} image chats, 8 tokens": lambda: generate(chats, 8)}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with path.open("w") as out:
+        for name, fn in cases.items():
+            fn()
+            synchronize(device)
+            with profile(activities=activities) as prof:
+                fn()
+                synchronize(device)
+            averages = prof.key_averages()
+            for sort in (("device_time_total", "cuda_time_total") if device.type == "cuda" else ()) + ("cpu_time_total",):
+                try:
+                    table = averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)
+                except (AttributeError, KeyError, ValueError):
+                    continue
+                out.write(f"## {name}: sorted by {sort}\n{table}\n\n")
+                if sort != "cpu_time_total":
+                    break  # one device-time table is enough
+            out.flush()
+    print(f"profile tables written to {path}")
+
+
 ROWS = [  # key, label, lower is better, target
     ("decode_b1_tok_s", "batch-1 decode (tok/s)", False, 160),
     ("ttft_image_ms", "TTFT, 1024x1024 image + ~24 tokens (ms)", True, 160),
@@ -134,7 +177,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-triton", action="store_true", help="decode attention by gather + SDPA, not the Triton kernel")
+    parser.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 8 chats, 1 repeat")
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of our cases here")
     parser.add_argument("--device", default="cuda", help="'cpu' only to smoke-test this script (--preset tiny --quick)")
     opts = parser.parse_args()
     device = torch.device(opts.device)
@@ -162,18 +208,31 @@ def main() -> None:
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([prompts["text"]], device=device), max_new_tokens=8, do_sample=False,
                               pad_token_id=11)[0, len(prompts["text"]):].tolist()
-        results["transformers"] = run_hf(hf, prompts, device, n, reps)
+        try:
+            results["transformers"] = run_hf(hf, prompts, device, n, reps)
+        except torch.cuda.OutOfMemoryError as exc:  # report ours anyway
+            print(f"transformers ran out of memory: {exc}", flush=True)
+        print(json.dumps({"transformers": results.get("transformers")}), flush=True)
         del hf
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    llm = LLM.from_model(model, processor, cuda_graphs=not opts.no_cuda_graphs)
+    start = time.perf_counter()
+    llm = LLM.from_model(model, processor, cuda_graphs=not opts.no_cuda_graphs, triton_attention=not opts.no_triton,
+                         fuse_projections=not opts.no_fuse)
+    graphs = llm.engine.runner.graphs
+    print(f"engine start: {time.perf_counter() - start:.1f} s ({len(graphs.graphs) if graphs else 0} CUDA graphs, "
+          f"Triton decode attention: {bool(graphs and graphs.use_triton)})", flush=True)
     if not opts.skip_hf:
         ours8 = llm.generate([prompts["text"]], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
         same = ours8 == ref[: len(ours8)]
     results["pixtral"] = run_ours(llm, prompts, device, n, reps)
+    print(json.dumps({"pixtral": results["pixtral"]}), flush=True)
 
     print(f"# GPU benchmark: {describe_machine(device)}")
+    options = [f for f, off in (("no CUDA graphs", opts.no_cuda_graphs), ("no Triton attention", opts.no_triton),
+                                ("unfused projections", opts.no_fuse)) if off]
+    print(f"ours: {', '.join(options) or 'default engine settings'}")
     print(f"{opts.preset} shape, random bf16 weights; {n} new tokens; image prompt {len(prompts['image'].token_ids)} "
           f"tokens ({image_text} text); {opts.chats} chats of {len(prompts['chats'][0].token_ids)} tokens; "
           f"KV cache {llm.engine.allocator.num_usable} blocks of {llm.engine.config.block_size}")
@@ -184,11 +243,12 @@ def main() -> None:
     print("| metric | " + " | ".join(names) + " | target |")
     print("|---|" + "---|" * len(names) + "---|")
     for key, label, _, target in ROWS:
-        cells = [f"{results[name][key]:.1f}" if key != "chats_prefill_s" else f"{results[name][key]:.2f}"
-                 for name in names]
+        cells = [f"{results[name][key]:.{2 if key == 'chats_prefill_s' else 1}f}" for name in names]
         print(f"| {label} | " + " | ".join(cells) + f" | {target if target is not None else ''} |")
     print()
-    print(json.dumps({"device": describe_machine(device), "same_greedy": same, **results}))
+    print(json.dumps({"device": describe_machine(device), "same_greedy": same, **results}), flush=True)
+    if opts.profile:
+        profile_ours(llm, prompts, device, opts.profile)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 Builds our model with random weights on the GPU, copies them (q/k permuted) into transformers'
 LlavaForConditionalGeneration, and compares logits and greedy continuations for a text-only
-prompt and a prompt with two images. Needs ~55 GB of GPU memory (two copies of 12.4B bf16).
+prompt and a prompt with two images, in bf16. Then (--fp32-reference, the default) both models
+are run again in float32 on the same weights: the float32 pair must agree closely, and each
+bf16 run is scored against the float32 logits, which tells rounding apart from a wrong
+computation (bf16 runs of two correct implementations differ by rounding alone; a random
+12B model amplifies rounding a lot, its logits being near ties). Needs ~100 GB of GPU memory
+with the float32 step (an H200), ~55 GB without.
 
     python benchmarks/gpu_parity_12b.py [--preset pixtral-12b-2409] [--new-tokens 32]
 """
@@ -35,6 +40,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu with a small --preset for a smoke run")
     ap.add_argument("--image-scale", type=int, default=16, help="image sides in patches are multiples of this / 16")
+    ap.add_argument("--no-fp32-reference", dest="fp32_reference", action="store_false",
+                    help="skip the float32 runs (they need ~100 GB of GPU memory)")
     opts = ap.parse_args()
     import transformers
 
@@ -67,6 +74,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     s = opts.image_scale
     images = [torch.randn(3, 32 * s, 48 * s, generator=g), torch.randn(3, 16 * s, 16 * s, generator=g)]
+    inputs, bf16_logits = {}, {}
     for case, imgs in (("text", []), ("two_images", images)):
         ids = [1, 3]
         for img in imgs:
@@ -98,6 +106,8 @@ def main() -> None:
             hf_gen = hf.generate(input_ids=ids_t[None], max_new_tokens=opts.new_tokens, do_sample=False,
                                  attention_mask=torch.ones(1, len(ids), device=opts.device, dtype=torch.long), **kw)
         hf_tokens = hf_gen[0, len(ids):].tolist()
+        inputs[case] = (ids_t, dev_imgs, kw)
+        bf16_logits[case] = (ours_logits.float().cpu(), hf_logits.cpu())
         our_tokens = [t for t, _ in generate_ids(ours, ids, [i.to(opts.device) for i in imgs],
                                                  SamplingParams(temperature=0, max_tokens=opts.new_tokens, ignore_eos=True), 2)]
         agree = next((k for k, (a, b) in enumerate(zip(our_tokens, hf_tokens)) if a != b), len(hf_tokens))
@@ -107,7 +117,38 @@ def main() -> None:
             "argmax_agreement": (ours_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item(),
             "greedy_tokens_identical_prefix": agree, "greedy_tokens": opts.new_tokens, "ours_forward_s": t_ours,
         }
-        print(case, json.dumps(results[case]))
+        print(case, json.dumps(results[case]), flush=True)
+    if opts.fp32_reference:
+        # Real float32 on both sides: cuDNN convolutions (transformers' patch embedding is a Conv2d;
+        # ours is a matmul) default to TF32 on the GPU, which alone moves the image logits visibly.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        del hf, hf_gen, hf_logits, ours_logits
+        torch.cuda.empty_cache() if opts.device.startswith("cuda") else None
+        ours = ours.float()
+        with torch.device(opts.device):
+            hf = transformers.LlavaForConditionalGeneration._from_config(hf_config, dtype=torch.float32).eval()
+        params = dict(ours.named_parameters())
+        state = {current_hf_name(spec.hf): (to_hf_rows(params[spec.mistral].detach(), spec.permute_heads, spec.head_dim)
+                                            if spec.permute_heads else params[spec.mistral].detach())
+                 for spec in key_specs(args)}
+        hf.load_state_dict(state, strict=False)
+        del state, params
+        for case, (ids_t, dev_imgs, kw) in inputs.items():
+            kw32 = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+            with torch.no_grad():
+                ref = ours(ids_t, [i.float() for i in dev_imgs]).float().cpu()
+                hf32 = hf(input_ids=ids_t[None], **kw32).logits[0].float().cpu()
+            ours16, hf16 = bf16_logits[case]
+
+            def score(logits):
+                return {"max_abs_diff": (logits - ref).abs().max().item(),
+                        "mean_abs_diff": (logits - ref).abs().mean().item(),
+                        "argmax_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+            results[case]["fp32"] = {"ours_fp32_vs_transformers_fp32": score(hf32),
+                                     "ours_bf16_vs_fp32": score(ours16), "transformers_bf16_vs_fp32": score(hf16)}
+            print(case, "fp32", json.dumps(results[case]["fp32"]), flush=True)
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(results, f, indent=2)

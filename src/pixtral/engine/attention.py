@@ -11,7 +11,9 @@ It replaces a few kernel calls per sequence and layer by a few per layer, which 
 decode step's cost for small models on the CPU.
 
 `DecodeAttention` is the static-shape variant for CUDA graphs: one new token per row, block
-tables padded to a fixed width, attention masked by each row's context length.
+tables padded to a fixed width, attention masked by each row's context length. Given a
+`splits` count it runs the Triton paged kernel (`triton_decode`) instead, which reads each
+row's blocks in place, up to its own length, with no gathered copy and no mask.
 """
 
 from __future__ import annotations
@@ -95,9 +97,12 @@ class DecodeAttention:
     """
 
     def __init__(self, cache: PagedKVCache, positions: torch.Tensor, slots: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor):
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, triton_splits: int | None = None):
         self.cache, self.positions, self.slots = cache, positions, slots
         self.block_tables, self.context_lens = block_tables, context_lens
+        self.triton_splits = triton_splits  # None: gather + SDPA; else the Triton kernel with this many splits
+        if triton_splits is not None:
+            return
         width = block_tables.shape[1] * cache.block_size
         keep = torch.arange(width, device=positions.device)[None, :] < context_lens[:, None]
         self.mask = keep[:, None, None, :]  # [B, 1, 1, L]
@@ -111,6 +116,11 @@ class DecodeAttention:
         k_cache, v_cache = self.cache.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
+        if self.triton_splits is not None:
+            from pixtral.engine.triton_decode import paged_decode_attention
+
+            return paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_tables,
+                                          self.context_lens, self.triton_splits)
         b, hq, d = q.shape
         hkv = k.shape[1]
         keys = self._gather(self.cache.k[layer]).transpose(1, 2)  # [B, Hkv, L, D]
@@ -140,7 +150,7 @@ class BatchedDecodeAttention(DecodeAttention):
 
     def __init__(self, cache: PagedKVCache, starts: list[int], block_tables: list[list[int]],
                  device: torch.device):
-        self.cache = cache
+        self.cache, self.triton_splits = cache, None
         bs = cache.block_size
         pos = np.asarray(starts, dtype=np.int64)
         longest = int(pos.max()) + 1

@@ -24,6 +24,8 @@ class EngineConfig:
     max_waiting: int = 1024  # bounded waiting queue: beyond it requests are refused (HTTP 429)
     cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs
     max_graph_batch: int = 256  # GPU: largest decode batch captured in a graph
+    fuse_projections: bool = True  # GPU: one matmul for q/k/v and one for the FFN's gate/up (`Pixtral.fuse_projections`)
+    triton_attention: bool = True  # GPU: paged decode attention by the Triton kernel, when Triton is installed
 
     def resolved(self, device: torch.device) -> "EngineConfig":
         """A copy with the device-dependent defaults filled in, checked."""

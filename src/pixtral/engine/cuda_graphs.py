@@ -5,6 +5,10 @@ table width) and replayed: the Python work of the forward pass, hundreds of kern
 becomes one launch. Inputs are copied into static buffers; rows beyond the real batch are
 padding that writes only into the reserved null block. Nothing here runs on the CPU path,
 and CUDA is touched only when an instance is created.
+
+Attention runs the Triton paged kernel when Triton is installed (it reads keys and values in
+place, so every batch bucket and width gets a graph); without it, gather + SDPA, whose copy
+bounds the shapes worth capturing (`max_gather_tokens`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ MIN_WIDTH = 16  # blocks: the narrowest block table captured
 
 class CudaGraphDecoder:
     def __init__(self, model, cache: PagedKVCache, max_batch: int, max_model_len: int,
-                 max_gather_tokens: int = MAX_GATHER_TOKENS):
+                 max_gather_tokens: int = MAX_GATHER_TOKENS, use_triton: bool = True):
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.max_blocks = -(-max_model_len // self.block_size)
@@ -35,6 +39,12 @@ class CudaGraphDecoder:
         # all rows, the eager per-sequence path (which gathers only real tokens) is cheaper.
         self.max_gather_tokens = max_gather_tokens
         device = cache.k.device
+        from pixtral.engine import triton_decode
+
+        self.use_triton = use_triton and triton_decode.available(device)
+        # Multiprocessors to fill with split contexts (8 stands in when the kernels are interpreted on the CPU).
+        self.sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
+                         if device.type == "cuda" else 8)
         long = dict(dtype=torch.long, device=device)
         self.ids = torch.zeros(max_batch, **long)
         self.positions = torch.zeros(max_batch, **long)
@@ -51,10 +61,16 @@ class CudaGraphDecoder:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
+    @property
+    def _width_step(self) -> int:
+        # Gather + SDPA copies the whole padded table: widths double. The kernel reads only real
+        # tokens, so coarser widths (fewer graphs to capture) cost only a larger table copy.
+        return 4 if self.use_triton else 2
+
     def _width(self, blocks: int) -> int:
         width = MIN_WIDTH
         while width < blocks:
-            width *= 2
+            width *= self._width_step
         return min(width, self.max_blocks)
 
     def _batch(self, n: int) -> int:
@@ -65,11 +81,22 @@ class CudaGraphDecoder:
         if n > self.max_batch:
             return False
         width = self._width(-(-max_context // self.block_size))
-        return self._batch(n) * width * self.block_size <= self.max_gather_tokens
+        return self._within_gather_limit(self._batch(n), width)
+
+    def _within_gather_limit(self, batch: int, width: int) -> bool:
+        return self.use_triton or batch * width * self.block_size <= self.max_gather_tokens
+
+    def _splits(self, batch: int, width: int) -> int | None:
+        if not self.use_triton:
+            return None
+        from pixtral.engine.triton_decode import num_splits
+
+        return num_splits(batch, self.cache.n_kv_heads, width * self.block_size, self.sm_count)
 
     def _forward(self, batch: int, width: int) -> None:
         ctx = DecodeAttention(self.cache, self.positions[:batch], self.slots[:batch],
-                              self.block_tables[:batch, :width], self.context_lens[:batch])
+                              self.block_tables[:batch, :width], self.context_lens[:batch],
+                              triton_splits=self._splits(batch, width))
         hidden = self.model.hidden_states(self.model.tok_embeddings(self.ids[:batch]), ctx)
         self.logits[:batch].copy_(self.model.output(hidden))  # copy_ casts to float32: no extra temporary
 
@@ -99,16 +126,16 @@ class CudaGraphDecoder:
     def capture_all(self) -> None:
         """Capture ahead of time (engine start) so that no request waits for a capture.
 
-        Every width `run` can ask for (powers of two from MIN_WIDTH, the last one clamped to
+        Every width `run` can ask for (MIN_WIDTH times powers of the width step, the last clamped to
         max_blocks as `_width` clamps it), each with every batch bucket within the gather limit.
         """
         self._pad_inputs(0)
         widths = [MIN_WIDTH]
         while widths[-1] < self.max_blocks:
-            widths.append(2 * widths[-1])
+            widths.append(self._width_step * widths[-1])
         for width in sorted({self._width(w) for w in widths}):
             for batch in self.batch_sizes:
-                if (batch, width) not in self.graphs and batch * width * self.block_size <= self.max_gather_tokens:
+                if (batch, width) not in self.graphs and self._within_gather_limit(batch, width):
                     self._capture(batch, width)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],

@@ -56,6 +56,8 @@ class Engine:
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.config = cfg = (config or EngineConfig()).resolved(self.device)
+        if self.device.type == "cuda" and cfg.fuse_projections and hasattr(model, "fuse_projections"):
+            model.fuse_projections()
 
         reserved = 0
         if self.device.type == "cuda" and cfg.num_blocks is None and cfg.kv_cache_bytes is None:

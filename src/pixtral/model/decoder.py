@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixtral.model.args import ModelArgs
@@ -20,11 +21,34 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # set by `fuse_projections` (inference)
+
+    def fuse_projections(self) -> None:
+        """Inference: wq, wk and wv become views into one weight, read by a single matmul.
+
+        A decode step reads every weight once per token, and one [6144, 5120] matrix-vector
+        product runs nearer the memory bandwidth than three smaller ones. The parameters keep
+        their names and values (views into the fused storage), so state dicts are unchanged.
+        Call it after the model is on its device: moving it afterwards would split the views.
+        """
+        if not all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
+            return  # wrapped (LoRA): the wrappers' own forward must run
+        fused = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]).detach()
+        for linear, part in zip((self.wq, self.wk, self.wv), fused.split(self._qkv_sizes())):
+            linear.weight = nn.Parameter(part, requires_grad=False)
+        self.wqkv = fused
+
+    def _qkv_sizes(self) -> list[int]:
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def forward(self, x: torch.Tensor, rotation, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
-        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        if self.wqkv is not None:
+            q, k, v = F.linear(x, self.wqkv).split(self._qkv_sizes(), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         return self.wo(ctx.attend(layer, q, k, v).flatten(1))
 

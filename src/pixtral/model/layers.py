@@ -28,6 +28,21 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # set by `fuse_projections` (inference)
+
+    def fuse_projections(self) -> None:
+        """Inference: w1 and w3 become views into one weight, read by a single matmul (see
+        `Attention.fuse_projections`); names and values of the parameters are unchanged."""
+        if not (type(self.w1) is nn.Linear and type(self.w3) is nn.Linear):
+            return  # wrapped (LoRA): the wrappers' own forward must run
+        fused = torch.cat([self.w1.weight, self.w3.weight]).detach()
+        gate, up = fused.chunk(2)
+        self.w1.weight = nn.Parameter(gate, requires_grad=False)
+        self.w3.weight = nn.Parameter(up, requires_grad=False)
+        self.w13 = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

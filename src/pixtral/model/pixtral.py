@@ -37,6 +37,17 @@ class Pixtral(nn.Module):
                 self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size)
             self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.dim, bias=v.adapter_bias)
 
+    def fuse_projections(self) -> "Pixtral":
+        """Inference on the GPU: q/k/v and the FFN's gate/up weights each read by one matmul.
+
+        Parameters keep their names and values (see `Attention.fuse_projections`); call after
+        the model is on its device. Results equal the unfused model's up to rounding.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+        return self
+
     # ------------------------------------------------------------------ images
     @property
     def image_token_id(self) -> int | None:

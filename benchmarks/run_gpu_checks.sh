@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 5 in one go, on one H200 (about 7 minutes; ~100 GB of GPU memory
+# for the float32 parity step, ~60 GB for the rest):
+#
+#   bash benchmarks/run_gpu_checks.sh OUTDIR
+#
+# 1. bench_decode_attention.py: the Triton paged decode kernel against gather + SDPA, one layer;
+# 2. bench_gpu.py on the Pixtral-12B shape, ours and transformers side by side, plus profiler tables;
+#    if it fails, ours alone without the Triton kernel (to tell a kernel problem from the rest);
+# 3. gpu_parity_12b.py: logits and greedy tokens against transformers at 12B scale, in bf16 and
+#    against a float32 run of both.
+# Each step has its own time limit and log; a failed step does not stop the next one.
+set -uo pipefail
+out=${1:-gpu-results}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, report the status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "### $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/steps.txt"
+    return "$rc"
+}
+
+step attention 50 $python "$here/benchmarks/bench_decode_attention.py"
+step bench 290 $python "$here/benchmarks/bench_gpu.py" --repeats 2 --profile "$out/profile.txt"
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # failed (not out of time): is it the kernel?
+    step bench_no_triton 100 $python "$here/benchmarks/bench_gpu.py" --skip-hf --no-triton --quick
+fi
+step parity 75 $python "$here/benchmarks/gpu_parity_12b.py" --out "$out/parity.json"
+cat "$out/steps.txt"

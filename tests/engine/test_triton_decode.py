@@ -1,0 +1,137 @@
+"""The Triton paged decode kernel, run on the CPU by Triton's interpreter.
+
+`TRITON_INTERPRET=1` has to be set before Triton compiles anything, so each test re-runs
+itself in a fresh pytest process with it set (the outer test passes when the inner one does).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rerun_interpreted(name: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def reference(q, k_cache, v_cache, tables, lens):
+    """Float64 attention of each row's query over its first `len` cached tokens."""
+    out = []
+    group = q.shape[1] // k_cache.shape[2]
+    for i, n in enumerate(lens.tolist()):
+        keys = k_cache[tables[i]].flatten(0, 1)[:n].double().repeat_interleave(group, 1)  # [n, Hq, D]
+        values = v_cache[tables[i]].flatten(0, 1)[:n].double().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", q[i].double(), keys) / q.shape[-1] ** 0.5
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_kernel_matches_attention_over_the_rows_own_tokens(dtype, group, request):
+    if not INTERPRETED:
+        return rerun_interpreted(request.node.name)
+    from pixtral.engine.triton_decode import paged_decode_attention
+
+    torch.manual_seed(0)
+    num_blocks, block, kv_heads, dim = 48, 16, 2, 32
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
+    lens = torch.tensor([1, 16, 17, 100, 317])  # one token, a full block, one past it, many tiles
+    width = 22
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])
+    # Entries past each row's context point far outside the cache: the kernel must never read them.
+    for i, n in enumerate(lens.tolist()):
+        tables[i, -(-n // block):] = 10**6
+    q = torch.randn(len(lens), kv_heads * group, dim).to(dtype)
+    ref = reference(q, k_cache, v_cache, tables.clamp(max=num_blocks - 1), lens)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for splits in (1, 3, 7):  # 7 splits of 64 tokens: most rows leave some splits empty
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens, splits)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol, msg=f"splits={splits}")
+
+
+def test_kernel_refuses_shapes_it_cannot_tile():
+    if not INTERPRETED:
+        return rerun_interpreted("test_kernel_refuses_shapes_it_cannot_tile")
+    from pixtral.engine.triton_decode import paged_decode_attention
+
+    cache = torch.zeros(4, 16, 2, 24)  # head_dim 24: not a power of two
+    with pytest.raises(ValueError, match="head_dim 24"):
+        paged_decode_attention(torch.zeros(1, 4, 24), cache, cache, torch.zeros(1, 1, dtype=torch.long),
+                               torch.ones(1, dtype=torch.long))
+
+
+def test_num_splits_fills_the_gpu_without_splitting_short_contexts():
+    from pixtral.engine.triton_decode import TILE, TOKENS_PER_SPLIT, num_splits
+
+    assert num_splits(1, 8, 256, sm_count=132) == 1  # one tile's worth of context
+    assert num_splits(1, 8, 8192, sm_count=132) == 8192 // TOKENS_PER_SPLIT  # long context, few rows
+    assert num_splits(64, 8, 8192, sm_count=132) == 1  # 512 programs already fill the GPU
+    assert num_splits(2, 8, 200 * TILE, sm_count=132) == 17  # ceil(264 / 16) programs per row
+    for batch in (1, 3, 16, 256):
+        for context in (1, 15, 64, 1000, 131072):
+            assert 1 <= num_splits(batch, 8, context) <= max(1, -(-context // TILE))
+
+
+def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, processor, monkeypatch):
+    """The CUDA-graph decode step, run eagerly with the kernel interpreted: same greedy tokens
+    as the plain generation loop, for batches the decoder pads (5 rows in a bucket of 8)."""
+    if not INTERPRETED:
+        return rerun_interpreted("test_graph_decode_step_with_the_kernel_gives_the_reference_tokens")
+    from tiny_model import image_uri, user
+
+    from pixtral.engine import LLM
+    from pixtral.engine.cuda_graphs import CudaGraphDecoder
+    from pixtral.generation import SamplingParams, chat
+
+    llm = LLM.from_model(model, processor, num_blocks=256, enable_prefix_caching=False)
+    decoder = CudaGraphDecoder(model, llm.engine.cache, max_batch=8, max_model_len=1024)
+    assert decoder.use_triton and decoder.fits(8, 1024)  # no gather, so no gather limit
+    used = []
+    import pixtral.engine.triton_decode as triton_decode
+
+    original = triton_decode.paged_decode_attention
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", lambda *a: used.append(a[-1]) or original(*a))
+
+    class EagerGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    monkeypatch.setattr(decoder, "_capture", lambda b, w: decoder.graphs.setdefault(
+        (b, w), EagerGraph(lambda: decoder._forward(b, w))))
+    llm.engine.runner.graphs = decoder
+    convs = [[user(f"Question {i}?" + " more" * (i * 7), *([image_uri(i)] if i % 2 else []))] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    outs = llm.chat(convs, params)
+    for conv, out in zip(convs, outs):
+        assert out.outputs[0].token_ids == chat(model, processor, conv, params).token_ids
+    assert used  # the kernel ran
+    decoder.capture_all()  # every shape `run` can ask for: all batch buckets, widths 16 * 4^k clamped to 64
+    assert {w for _, w in decoder.graphs} == {16, 64} and len(decoder.graphs) == 2 * len(decoder.batch_sizes)
+    for n in range(1, 9):
+        for context in range(1, 1025, 13):
+            assert decoder.fits(n, context)
+            assert (decoder._batch(n), decoder._width(-(-context // decoder.block_size))) in decoder.graphs
+    with torch.no_grad():  # and agrees with the gather + SDPA path on the logits of one step
+        llm.engine.cache.k.normal_()  # finite everywhere: the gather path reads masked slots too
+        llm.engine.cache.v.normal_()
+        step = {"ids": [5, 6], "positions": [3, 20], "slots": [16 + 3, 3 * 16 + 4], "block_tables": [[1], [2, 3]],
+                "context_lens": [4, 21]}
+        kernel_logits = decoder.run(**step).clone()
+        decoder.use_triton = False
+        decoder.graphs.clear()
+        torch.testing.assert_close(decoder.run(**step), kernel_logits, rtol=1e-4, atol=1e-4)
+    assert F.softmax(kernel_logits, -1).isfinite().all()
