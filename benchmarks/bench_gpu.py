@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--no-triton", action="store_true", help="decode attention by gather + SDPA, not the Triton kernel")
+    parser.add_argument("--no-triton", action="store_true", help="no Triton kernels: decode attention by gather + SDPA, eager norms/RoPE/SiLU")
     parser.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 8 chats, 1 repeat")
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of our cases here")
@@ -218,11 +218,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     start = time.perf_counter()
-    llm = LLM.from_model(model, processor, cuda_graphs=not opts.no_cuda_graphs, triton_attention=not opts.no_triton,
+    llm = LLM.from_model(model, processor, cuda_graphs=not opts.no_cuda_graphs, triton_kernels=not opts.no_triton,
                          fuse_projections=not opts.no_fuse)
     graphs = llm.engine.runner.graphs
     print(f"engine start: {time.perf_counter() - start:.1f} s ({len(graphs.graphs) if graphs else 0} CUDA graphs, "
-          f"Triton decode attention: {bool(graphs and graphs.use_triton)})", flush=True)
+          f"Triton decode attention: {bool(graphs and graphs.use_triton)}, fused kernels: "
+          f"{llm.engine.fused_kernels})", flush=True)
     if not opts.skip_hf:
         ours8 = llm.generate([prompts["text"]], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
         same = ours8 == ref[: len(ours8)]

@@ -1,28 +1,22 @@
 """The Triton paged decode kernel, run on the CPU by Triton's interpreter.
 
-`TRITON_INTERPRET=1` has to be set before Triton compiles anything, so each test re-runs
-itself in a fresh pytest process with it set (the outer test passes when the inner one does).
+Each test re-runs itself in a fresh pytest process with `TRITON_INTERPRET=1` (the outer test
+passes when the inner one does).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.triton_interpret import INTERPRETED
+from tests.triton_interpret import rerun_interpreted as _rerun
+
 pytest.importorskip("triton")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def rerun_interpreted(name: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+rerun_interpreted = functools.partial(_rerun, __file__)
 
 
 def reference(q, k_cache, v_cache, tables, lens):

@@ -25,7 +25,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # GPU: replay the decode step as CUDA graphs
     max_graph_batch: int = 256  # GPU: largest decode batch captured in a graph
     fuse_projections: bool = True  # GPU: one matmul for q/k/v and one for the FFN's gate/up (`Pixtral.fuse_projections`)
-    triton_attention: bool = True  # GPU: paged decode attention by the Triton kernel, when Triton is installed
+    triton_kernels: bool = True  # GPU, with Triton installed: paged decode attention and fused norm/RoPE/SiLU kernels
 
     def resolved(self, device: torch.device) -> "EngineConfig":
         """A copy with the device-dependent defaults filled in, checked."""

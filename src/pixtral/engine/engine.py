@@ -32,6 +32,43 @@ from pixtral.generation.params import SamplingParams
 log = logging.getLogger("pixtral.engine")
 
 
+def enable_fused_kernels(model) -> bool:
+    """Switch the model to its fused Triton kernels if they run here and agree with the eager code.
+
+    A short forward pass (text and, for a vision model, one small image) runs both ways first:
+    a kernel that fails to compile on this GPU or computes something else leaves the model on
+    the eager path, with a warning, instead of taking the engine down or serving wrong tokens.
+    """
+    from pixtral.model import fused_ops
+
+    if fused_ops.triton is None:
+        return False
+    device = model.tok_embeddings.weight.device
+    images = []
+    if model.args.vision is not None:
+        side = model.args.vision.patch_size * model.args.vision.spatial_merge_size * 2
+        images = [torch.randn(3, side, side, generator=torch.Generator().manual_seed(0)).to(device)]
+    slots = [model.image_token_id] * sum(model.image_token_counts(images)) if images else []
+    text = torch.arange(16) * 7 % model.args.vocab_size
+    ids = torch.tensor([1] + slots + text.tolist(), device=device)
+    try:
+        with torch.inference_mode():
+            model.use_fused_kernels(False)
+            eager = model(ids, images)
+            model.use_fused_kernels(True)
+            fused = model(ids, images)
+        error = ((fused - eager).abs().mean() / eager.abs().mean().clamp(min=1e-6)).item()
+    except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
+        model.use_fused_kernels(False)
+        log.warning("fused Triton kernels disabled: they failed on this device (%s: %s)", type(exc).__name__, exc)
+        return False
+    if not error < 0.05:  # rounding-level differences are far below this; a wrong kernel is far above
+        model.use_fused_kernels(False)
+        log.warning("fused Triton kernels disabled: their logits differ from the eager code's by %.3g (relative)", error)
+        return False
+    return True
+
+
 @dataclass
 class EngineStats:
     num_waiting: int = 0
@@ -58,6 +95,9 @@ class Engine:
         self.config = cfg = (config or EngineConfig()).resolved(self.device)
         if self.device.type == "cuda" and cfg.fuse_projections and hasattr(model, "fuse_projections"):
             model.fuse_projections()
+        self.fused_kernels = False
+        if self.device.type == "cuda" and cfg.triton_kernels and hasattr(model, "use_fused_kernels"):
+            self.fused_kernels = enable_fused_kernels(model)
 
         reserved = 0
         if self.device.type == "cuda" and cfg.num_blocks is None and cfg.kv_cache_bytes is None:

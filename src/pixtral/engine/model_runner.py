@@ -30,7 +30,7 @@ class ModelRunner:
             from pixtral.engine.cuda_graphs import CudaGraphDecoder
 
             self.graphs = CudaGraphDecoder(model, cache, min(config.max_graph_batch, config.max_num_seqs),
-                                           max_model_len, use_triton=config.triton_attention)
+                                           max_model_len, use_triton=config.triton_kernels)
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:

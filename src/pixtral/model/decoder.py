@@ -9,6 +9,7 @@ from torch import nn
 from pixtral.model.args import ModelArgs
 from pixtral.model.attention import AttentionContext
 from pixtral.model.layers import FeedForward, RMSNorm
+from pixtral.model import fused_ops
 from pixtral.model.rope import apply_rotary
 
 
@@ -22,6 +23,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: torch.Tensor | None = None  # set by `fuse_projections` (inference)
+        self.fused = False  # inference on the GPU: RoPE as one Triton kernel per tensor
 
     def fuse_projections(self) -> None:
         """Inference: wq, wk and wv become views into one weight, read by a single matmul.
@@ -49,7 +51,8 @@ class Attention(nn.Module):
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
         k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        rotate = fused_ops.rotary if self.fused else apply_rotary
+        q, k = rotate(q, rotation), rotate(k, rotation)
         return self.wo(ctx.attend(layer, q, k, v).flatten(1))
 
 
@@ -62,5 +65,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rotation, ctx: AttentionContext, layer: int):
-        h = x + self.attention(self.attention_norm(x), rotation, ctx, layer)
+        a = self.attention(self.attention_norm(x), rotation, ctx, layer)
+        if self.ffn_norm.fused:  # the residual add and the FFN's norm in one kernel
+            h, normed = fused_ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+            return h + self.feed_forward(normed)
+        h = x + a
         return h + self.feed_forward(self.ffn_norm(h))

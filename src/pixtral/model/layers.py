@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixtral.model import fused_ops
+
 
 class RMSNorm(nn.Module):
     """Normalise in float32, cast back to the activation dtype, then scale (reference order)."""
@@ -14,10 +16,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # inference on the GPU: one Triton kernel (`Pixtral.use_fused_kernels`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op: x * rsqrt(mean(x^2) + eps)
-        return normed.type_as(x) * self.weight
+        if self.fused:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.rms_norm_eager(x, self.weight, self.eps)
 
 
 class FeedForward(nn.Module):
@@ -29,6 +33,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w13: torch.Tensor | None = None  # set by `fuse_projections` (inference)
+        self.fused = False  # inference on the GPU: the SiLU gate as one Triton kernel
 
     def fuse_projections(self) -> None:
         """Inference: w1 and w3 become views into one weight, read by a single matmul (see
@@ -43,6 +48,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate_up = F.linear(x, self.w13)
+            if self.fused:
+                return self.w2(fused_ops.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -48,6 +48,15 @@ class Pixtral(nn.Module):
                 module.fuse_projections()
         return self
 
+    def use_fused_kernels(self, on: bool = True) -> "Pixtral":
+        """Inference on the GPU: RMSNorm (with the residual add), RoPE and the SiLU gate as Triton
+        kernels (`fused_ops`). Each falls back to the eager code where it cannot run (no Triton,
+        CPU tensors, tensors that need gradients), so the switch is safe anywhere."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = on
+        return self
+
     # ------------------------------------------------------------------ images
     @property
     def image_token_id(self) -> int | None:

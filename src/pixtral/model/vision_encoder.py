@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pixtral.model import fused_ops
 from pixtral.model.args import VisionArgs
 from pixtral.model.attention import block_attention
 from pixtral.model.layers import FeedForward, RMSNorm
@@ -23,12 +24,14 @@ class VisionAttention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+        self.fused = False  # inference on the GPU: RoPE as one Triton kernel per tensor
 
     def forward(self, x, rotation, seqlens: list[int]):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
-        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        rotate = fused_ops.rotary if self.fused else apply_rotary
+        q, k = rotate(q, rotation), rotate(k, rotation)
         return self.wo(block_attention(q, k, v, seqlens).flatten(1))
 
 
@@ -41,7 +44,11 @@ class VisionBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
 
     def forward(self, x, rotation, seqlens):
-        h = x + self.attention(self.attention_norm(x), rotation, seqlens)
+        a = self.attention(self.attention_norm(x), rotation, seqlens)
+        if self.ffn_norm.fused:  # the residual add and the FFN's norm in one kernel
+            h, normed = fused_ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+            return h + self.feed_forward(normed)
+        h = x + a
         return h + self.feed_forward(self.ffn_norm(h))
 
 
