@@ -129,3 +129,19 @@ def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, pro
         decoder.graphs.clear()
         torch.testing.assert_close(decoder.run(**step), kernel_logits, rtol=1e-4, atol=1e-4)
     assert F.softmax(kernel_logits, -1).isfinite().all()
+
+
+def test_graph_decoder_falls_back_when_the_kernel_fails_its_check(model, processor, monkeypatch):
+    if not INTERPRETED:
+        return rerun_interpreted("test_graph_decoder_falls_back_when_the_kernel_fails_its_check")
+    from pixtral.engine import LLM
+    from pixtral.engine import triton_decode
+    from pixtral.engine.cuda_graphs import CudaGraphDecoder
+
+    llm = LLM.from_model(model, processor, num_blocks=64)
+    args = (model, llm.engine.cache, 8, 1024)
+    assert CudaGraphDecoder(*args).use_triton  # the real kernel passes
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", lambda q, *a: torch.zeros_like(q))
+    assert not CudaGraphDecoder(*args).use_triton  # wrong results: gather + SDPA instead
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", lambda *a: 1 / 0)
+    assert not CudaGraphDecoder(*args).use_triton  # a failure: the same

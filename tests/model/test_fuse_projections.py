@@ -40,3 +40,31 @@ def test_lora_wrapped_projections_are_left_unfused():
     model.fuse_projections()
     layer = model.layers[0]
     assert layer.attention.wqkv is None and layer.feed_forward.w13 is None
+
+
+def prompt(model):
+    images = [torch.randn(3, 32, 48)]
+    slots = [model.image_token_id] * model.image_token_counts(images)[0]
+    return torch.tensor([1] + slots + torch.randint(1000, 5000, (20,)).tolist()), images
+
+
+def test_fused_weights_follow_in_place_loads_and_give_way_to_casts_and_training():
+    torch.manual_seed(1)
+    model, other = random_model("tiny", seed=0), random_model("tiny", seed=1)
+    ids, images = prompt(model)
+    model.fuse_projections()
+    # An in-place load writes through the views into the fused weights: the new weights are served.
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, images), other(ids, images), rtol=1e-5, atol=1e-5)
+    assert model.layers[0].attention.wqkv is not None
+    # Gradients recorded: the separate projections run, so their parameters get gradients.
+    model(ids, images).logsumexp(-1).sum().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+    assert model.layers[0].feed_forward.w3.weight.grad is not None
+    # A cast makes new parameters: the stale fused weights are dropped, not served.
+    model.double()
+    with torch.no_grad():
+        out = model(ids, [i.double() for i in images])
+    assert model.layers[0].attention.wqkv is None and model.layers[0].feed_forward.w13 is None
+    torch.testing.assert_close(out.float(), other(ids, images), rtol=1e-4, atol=1e-4)

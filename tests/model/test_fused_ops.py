@@ -90,9 +90,11 @@ def test_tensors_that_need_gradients_take_the_eager_path(request):
     assert x.grad is not None and torch.equal(out, fused_ops.rms_norm_eager(x, weight, 1e-5))
 
 
-def test_whole_model_with_fused_kernels_gives_the_same_logits(request):
+def test_whole_model_with_fused_kernels_gives_the_same_logits(request, monkeypatch):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
+    from pixtral.model import fused_ops
+
     model = random_model("tiny")
     images = [torch.randn(3, 32, 48), torch.randn(3, 16, 16)]
     slots = [model.image_token_id] * sum(model.image_token_counts(images))
@@ -100,9 +102,15 @@ def test_whole_model_with_fused_kernels_gives_the_same_logits(request):
     with torch.no_grad():
         eager = model(ids, images)
         model.fuse_projections().use_fused_kernels()
+
+        def refuse(*args):
+            raise AssertionError("an eager fallback ran: every norm and rotation must take its kernel")
+
+        monkeypatch.setattr(fused_ops, "rms_norm_eager", refuse)
+        monkeypatch.setattr(fused_ops, "rotary_eager", refuse)
         fused = model(ids, images)
     assert model.layers[0].ffn_norm.fused and model.vision_encoder.transformer.layers[0].attention.fused
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)  # float32 summation order only
     assert eager.std() > 0.5
 
 

@@ -13,11 +13,15 @@ bounds the shapes worth capturing (`max_gather_tokens`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pixtral.engine.attention import MAX_GATHER_TOKENS, DecodeAttention, padded_block_table
 from pixtral.engine.block_allocator import NULL_BLOCK
 from pixtral.engine.kv_cache import PagedKVCache
+
+log = logging.getLogger("pixtral.engine")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -42,6 +46,12 @@ class CudaGraphDecoder:
         from pixtral.engine import triton_decode
 
         self.use_triton = use_triton and triton_decode.available(device)
+        if self.use_triton:  # a kernel that does not compile or agree here leaves gather + SDPA in charge
+            problem = triton_decode.self_check(device, cache.k.dtype, model.args.n_heads, cache.n_kv_heads,
+                                               cache.head_dim, cache.block_size)
+            if problem:
+                log.warning("Triton decode attention disabled: %s", problem)
+                self.use_triton = False
         # Multiprocessors to fill with split contexts (8 stands in when the kernels are interpreted on the CPU).
         self.sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
                          if device.type == "cuda" else 8)

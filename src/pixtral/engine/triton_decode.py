@@ -61,7 +61,7 @@ if triton is not None:
                        scale,
                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                        TOK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
         ctx = tl.load(Lens + b).to(tl.int32)
@@ -112,7 +112,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["splits"])  # one compiled kernel for every split count
     def _merge_kernel(Part, Lse, Out, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                       splits, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, D)
@@ -138,7 +138,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
-    if q_heads % kv_heads or dim & (dim - 1) or block_size & (block_size - 1):
+    if q_heads % kv_heads or dim < 16 or dim & (dim - 1) or block_size & (block_size - 1):
         raise ValueError(f"unsupported shapes: {q_heads} query heads, {kv_heads} kv heads, head_dim {dim}, "
                          f"block size {block_size}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
@@ -167,3 +167,33 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=dim)
     return out
+
+
+def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
+               block_size: int) -> str | None:
+    """Run the kernel once on small random data against plain attention: None if it agrees, else
+    what went wrong (it failed to compile or run on this GPU, or computed something else)."""
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, width = 12, 8
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+                        for _ in range(2))
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(3)]).to(device)
+    lens = torch.tensor([1, block_size + 3, width * block_size - 5], device=device)
+    q = torch.randn(3, q_heads, head_dim, generator=gen).to(device, dtype)
+    group = q_heads // kv_heads
+    expected = []
+    for row, n in enumerate(lens.tolist()):
+        keys = k_cache[tables[row]].flatten(0, 1)[:n].float().repeat_interleave(group, 1)  # [n, Hq, D]
+        values = v_cache[tables[row]].flatten(0, 1)[:n].float().repeat_interleave(group, 1)
+        weights = torch.einsum("hd,nhd->hn", q[row].float(), keys).div(head_dim ** 0.5).softmax(-1)
+        expected.append(torch.einsum("hn,nhd->hd", weights, values))
+    expected = torch.stack(expected)
+    try:
+        for splits in (1, 3):
+            got = paged_decode_attention(q, k_cache, v_cache, tables, lens, splits).float()
+            error = (got - expected).abs().max().item()
+            if not error < 0.05:
+                return f"differs from plain attention by {error:.3g} (splits={splits})"
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the portable path
+        return f"{type(exc).__name__}: {exc}"
+    return None

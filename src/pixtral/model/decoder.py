@@ -8,7 +8,7 @@ from torch import nn
 
 from pixtral.model.args import ModelArgs
 from pixtral.model.attention import AttentionContext
-from pixtral.model.layers import FeedForward, RMSNorm
+from pixtral.model.layers import FeedForward, RMSNorm, fuse_linear_weights, linear_views_of
 from pixtral.model import fused_ops
 from pixtral.model.rope import apply_rotary
 
@@ -30,21 +30,24 @@ class Attention(nn.Module):
 
         A decode step reads every weight once per token, and one [6144, 5120] matrix-vector
         product runs nearer the memory bandwidth than three smaller ones. The parameters keep
-        their names and values (views into the fused storage), so state dicts are unchanged.
-        Call it after the model is on its device: moving it afterwards would split the views.
+        their names, values and requires_grad (views into the fused storage), so state dicts are
+        unchanged and in-place loads reach the fused weight. The fused weight is used only while
+        the parameters still are those views (see `linear_views_of`): moving or casting the
+        model, replacing a parameter or wrapping a projection (LoRA) quietly returns it to three
+        matmuls, as does recording gradients.
         """
-        if not all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
+        linears = (self.wq, self.wk, self.wv)
+        if not all(type(m) is nn.Linear for m in linears):
             return  # wrapped (LoRA): the wrappers' own forward must run
-        fused = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]).detach()
-        for linear, part in zip((self.wq, self.wk, self.wv), fused.split(self._qkv_sizes())):
-            linear.weight = nn.Parameter(part, requires_grad=False)
-        self.wqkv = fused
+        self.wqkv = fuse_linear_weights(linears)
 
     def _qkv_sizes(self) -> list[int]:
         return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def forward(self, x: torch.Tensor, rotation, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        if self.wqkv is not None:
+        if self.wqkv is not None and not linear_views_of(self.wqkv, (self.wq, self.wk, self.wv)):
+            self.wqkv = None  # the parameters moved on (device, dtype, replaced, wrapped): unfused from now on
+        if self.wqkv is not None and not (torch.is_grad_enabled() and self.wq.weight.requires_grad):
             q, k, v = F.linear(x, self.wqkv).split(self._qkv_sizes(), dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)

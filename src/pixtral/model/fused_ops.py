@@ -10,8 +10,8 @@ rounding points (normalise in float32, round to the activation dtype, then scale
 rounded before the product), so results match the eager code up to float32 arithmetic order.
 
 Every function falls back to the eager computation when the kernels cannot run: no Triton, a
-CPU tensor (unless `TRITON_INTERPRET=1`, how the tests run them), a tensor that needs gradients
-(training), or a shape the kernel does not tile.
+CPU tensor (unless `TRITON_INTERPRET=1`, how the tests run them), gradients being recorded for
+one of the tensors (training), or a shape the kernel does not tile.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ except ImportError:  # CPU installs
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    if triton is None or any(t.requires_grad for t in tensors):
-        return False
+    if triton is None or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False  # the kernels have no backward
     return tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -45,7 +45,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(X, R, H, Y, W, stride_x, stride_r, stride_h, stride_y, n_cols, eps,
                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows x stride passes 2**31 in long prefills
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -62,7 +62,7 @@ if triton is not None:
     @triton.jit
     def _rotary_kernel(X, ROT, OUT, stride_xt, stride_xh, stride_rt, stride_ot, stride_oh, n_heads,
                        HALF: tl.constexpr, HEADS: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         p = tl.arange(0, HALF)
         mask = (h < n_heads)[:, None]
@@ -77,7 +77,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, stride_g, stride_o, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         gate = tl.load(GU + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)

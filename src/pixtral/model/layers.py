@@ -24,6 +24,29 @@ class RMSNorm(nn.Module):
         return fused_ops.rms_norm_eager(x, self.weight, self.eps)
 
 
+def fuse_linear_weights(linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """Concatenate the weights of bias-free linears along their outputs and make each weight a
+    view into the result (same values, same requires_grad); returns the fused weight."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start: start + rows], requires_grad=m.weight.requires_grad)
+        start += rows
+    return fused
+
+
+def linear_views_of(fused: torch.Tensor, linears: tuple[nn.Module, ...]) -> bool:
+    """Whether these plain linears' weights are still consecutive row blocks of `fused`."""
+    row_bytes = fused.stride(0) * fused.element_size()
+    offset = fused.data_ptr()
+    for m in linears:
+        if type(m) is not nn.Linear or m.weight.data_ptr() != offset or m.weight.dtype != fused.dtype:
+            return False
+        offset += m.weight.shape[0] * row_bytes
+    return True
+
+
 class FeedForward(nn.Module):
     """SiLU-gated FFN: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection."""
 
@@ -37,17 +60,15 @@ class FeedForward(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference: w1 and w3 become views into one weight, read by a single matmul (see
-        `Attention.fuse_projections`); names and values of the parameters are unchanged."""
+        `Attention.fuse_projections`); names, values and requires_grad are unchanged."""
         if not (type(self.w1) is nn.Linear and type(self.w3) is nn.Linear):
             return  # wrapped (LoRA): the wrappers' own forward must run
-        fused = torch.cat([self.w1.weight, self.w3.weight]).detach()
-        gate, up = fused.chunk(2)
-        self.w1.weight = nn.Parameter(gate, requires_grad=False)
-        self.w3.weight = nn.Parameter(up, requires_grad=False)
-        self.w13 = fused
+        self.w13 = fuse_linear_weights((self.w1, self.w3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
+        if self.w13 is not None and not linear_views_of(self.w13, (self.w1, self.w3)):
+            self.w13 = None  # the parameters moved on (device, dtype, replaced, wrapped): unfused from now on
+        if self.w13 is not None and not (torch.is_grad_enabled() and self.w1.weight.requires_grad):
             gate_up = F.linear(x, self.w13)
             if self.fused:
                 return self.w2(fused_ops.silu_mul(gate_up))
