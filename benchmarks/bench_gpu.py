@@ -88,9 +88,9 @@ def run_hf(hf, prompts, device, n, reps) -> dict[str, float]:
     return r
 
 
-def run_ours(llm, prompts, device, n, reps) -> dict[str, float]:
-    text, image, batch16, chats = prompts["text"], prompts["image"], prompts["batch16"], prompts["chats"]
-    model = llm.model
+def our_calls(llm, image: Prompt, device):
+    """(generate(prompts, new_tokens), vision()) for our engine: caches cleared before each
+    generate; the vision encoder alone on the image, already on the device."""
 
     def generate(ps, new):
         llm.engine.reset_prefix_cache()
@@ -100,8 +100,14 @@ def run_ours(llm, prompts, device, n, reps) -> dict[str, float]:
 
     def vision():
         with torch.inference_mode():
-            model.encode_images(on_device)
+            llm.model.encode_images(on_device)
 
+    return generate, vision
+
+
+def run_ours(llm, prompts, device, n, reps) -> dict[str, float]:
+    text, image, batch16, chats = prompts["text"], prompts["image"], prompts["batch16"], prompts["chats"]
+    generate, vision = our_calls(llm, image, device)
     r = {}
     t1, tn = timed(lambda: generate([text], 1), device, reps), timed(lambda: generate([text], n), device, reps)
     r["decode_b1_tok_s"] = (n - 1) / (tn - t1)
@@ -122,16 +128,7 @@ def profile_ours(llm, prompts, device, path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     text, image, chats = prompts["text"], prompts["image"], prompts["chats"]
-
-    def generate(ps, new):
-        llm.engine.reset_prefix_cache()
-        return llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-
-    on_device = [img.to(device) for img in image.images]
-
-    def vision():
-        with torch.inference_mode():
-            llm.model.encode_images(on_device)
+    generate, vision = our_calls(llm, image, device)
 
     cases = {"batch-1 decode, 16 tokens": lambda: generate([text], 16),
              "TTFT, 1024x1024 image": lambda: generate([image], 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_model import image_uri, user
+from tiny_model import EagerGraph, assert_chats_match_reference, image_uri, user
 
 from pixtral.engine import LLM, Engine, EngineConfig, Prompt
 from pixtral.engine.attention import BatchedDecodeAttention, DecodeAttention, PagedAttention, SeqChunk, slot_mapping
@@ -183,11 +183,6 @@ def test_cuda_graph_decoder_inputs_on_cpu(model, processor, monkeypatch):
     checked here: the greedy tokens equal the reference loop's.
     """
     from pixtral.engine.cuda_graphs import CudaGraphDecoder
-    from pixtral.generation import chat
-
-    class EagerGraph:
-        def __init__(self, fn):
-            self.replay = fn
 
     llm = LLM.from_model(model, processor, num_blocks=256, enable_prefix_caching=False)
     llm.engine.cache.k.zero_()  # as on the GPU: masked slots are read, so they must hold finite values
@@ -202,11 +197,7 @@ def test_cuda_graph_decoder_inputs_on_cpu(model, processor, monkeypatch):
 
     monkeypatch.setattr(decoder, "_capture", capture)
     llm.engine.runner.graphs = decoder
-    convs = [[user(f"Question {i}?" + " more" * (i * 7), *([image_uri(i)] if i % 2 else []))] for i in range(5)]
-    params = SamplingParams(temperature=0, max_tokens=12)
-    outs = llm.chat(convs, params)
-    for conv, out in zip(convs, outs):
-        assert out.outputs[0].token_ids == chat(model, processor, conv, params).token_ids
+    assert_chats_match_reference(llm, model, processor, max_tokens=12)
     assert captured and all(b in decoder.batch_sizes and w >= 16 for b, w in captured)
     assert (8, 16) in captured or (4, 16) in captured  # padded batches were used
     assert not decoder.fits(9, 10) and not decoder.fits(8, 1024)  # too many rows / too many gathered tokens

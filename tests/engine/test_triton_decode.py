@@ -85,11 +85,10 @@ def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, pro
     as the plain generation loop, for batches the decoder pads (5 rows in a bucket of 8)."""
     if not INTERPRETED:
         return rerun_interpreted("test_graph_decode_step_with_the_kernel_gives_the_reference_tokens")
-    from tiny_model import image_uri, user
+    from tiny_model import EagerGraph, assert_chats_match_reference
 
     from pixtral.engine import LLM
     from pixtral.engine.cuda_graphs import CudaGraphDecoder
-    from pixtral.generation import SamplingParams, chat
 
     llm = LLM.from_model(model, processor, num_blocks=256, enable_prefix_caching=False)
     decoder = CudaGraphDecoder(model, llm.engine.cache, max_batch=8, max_model_len=1024)
@@ -100,18 +99,10 @@ def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, pro
     original = triton_decode.paged_decode_attention
     monkeypatch.setattr(triton_decode, "paged_decode_attention", lambda *a: used.append(a[-1]) or original(*a))
 
-    class EagerGraph:
-        def __init__(self, fn):
-            self.replay = fn
-
     monkeypatch.setattr(decoder, "_capture", lambda b, w: decoder.graphs.setdefault(
         (b, w), EagerGraph(lambda: decoder._forward(b, w))))
     llm.engine.runner.graphs = decoder
-    convs = [[user(f"Question {i}?" + " more" * (i * 7), *([image_uri(i)] if i % 2 else []))] for i in range(5)]
-    params = SamplingParams(temperature=0, max_tokens=8)
-    outs = llm.chat(convs, params)
-    for conv, out in zip(convs, outs):
-        assert out.outputs[0].token_ids == chat(model, processor, conv, params).token_ids
+    assert_chats_match_reference(llm, model, processor, max_tokens=8)
     assert used  # the kernel ran
     decoder.capture_all()  # every shape `run` can ask for: all batch buckets, widths 16 * 4^k clamped to 64
     assert {w for _, w in decoder.graphs} == {16, 64} and len(decoder.graphs) == 2 * len(decoder.batch_sizes)

@@ -70,3 +70,21 @@ def model(tiny_dir):
 @pytest.fixture(scope="session")
 def processor(tiny_dir):
     return load_processor(tiny_dir)
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: `replay` runs the step eagerly."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def assert_chats_match_reference(llm, model, processor, max_tokens: int) -> None:
+    """Five greedy chats (some with an image, prompts of different lengths) through the engine
+    give the tokens of the plain generation loop."""
+    from pixtral.generation import SamplingParams, chat
+
+    convs = [[user(f"Question {i}?" + " more" * (i * 7), *([image_uri(i)] if i % 2 else []))] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    for conv, out in zip(convs, llm.chat(convs, params)):
+        assert out.outputs[0].token_ids == chat(model, processor, conv, params).token_ids
