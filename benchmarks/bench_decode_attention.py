@@ -63,6 +63,34 @@ def timed_call(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) / (10 * repeats)
 
 
+def run_case(args: ModelArgs, rows: int, context: int, block: int, sm_count: int, device: torch.device,
+             repeats: int, gen: torch.Generator) -> str:
+    """One table row: both paths over the same cache, block tables and queries."""
+    width = width_for(context, block)
+    num_blocks = rows * width + 1
+    cache = PagedKVCache(args, num_blocks, block, device, torch.bfloat16)
+    cache.k.normal_()
+    cache.v.normal_()
+    perm = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0: the null block
+    tables = perm[: rows * width].view(rows, width).to(device)
+    lens = (context - torch.randint(0, min(64, context), (rows,), generator=gen)).to(device)
+    positions = lens - 1
+    slots = tables.gather(1, (positions // block)[:, None])[:, 0] * block + positions % block
+    q = torch.randn(rows, args.n_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(rows, args.n_kv_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(rows, args.n_kv_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
+    splits = num_splits(rows, args.n_kv_heads, width * block, sm_count)
+    gather = DecodeAttention(cache, positions, slots, tables, lens)
+    kernel = DecodeAttention(cache, positions, slots, tables, lens, triton_splits=splits)
+    with torch.inference_mode():
+        diff = (gather.attend(0, q, k, v).float() - kernel.attend(0, q, k, v).float()).abs().max().item()
+        t_gather = timed_call(lambda: gather.attend(0, q, k, v), device, repeats)
+        t_kernel = timed_call(lambda: kernel.attend(0, q, k, v), device, repeats)
+    kv_mb = 2 * lens.sum().item() * args.n_kv_heads * args.head_dim * 2 / 1e6
+    return (f"| {rows} x {context} | {kv_mb:.1f} | {1e6 * t_gather:.1f} | {1e6 * t_kernel:.1f} | "
+            f"{t_gather / t_kernel:.2f}x | {splits} | {diff:.2e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -85,32 +113,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for rows, context in cases:
-        width = width_for(context, block)
-        num_blocks = rows * width + 1
-        cache = PagedKVCache(args, num_blocks, block, device, torch.bfloat16)
-        cache.k.normal_()
-        cache.v.normal_()
-        perm = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0: the null block
-        tables = perm[: rows * width].view(rows, width).to(device)
-        lens = (context - torch.randint(0, min(64, context), (rows,), generator=gen)).to(device)
-        positions = lens - 1
-        slots = tables.gather(1, (positions // block)[:, None])[:, 0] * block + positions % block
-        q = torch.randn(rows, args.n_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
-        k = torch.randn(rows, args.n_kv_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
-        v = torch.randn(rows, args.n_kv_heads, args.head_dim, generator=gen).to(device, torch.bfloat16)
-        splits = num_splits(rows, args.n_kv_heads, width * block, sm_count)
-        gather = DecodeAttention(cache, positions, slots, tables, lens)
-        kernel = DecodeAttention(cache, positions, slots, tables, lens, triton_splits=splits)
-        with torch.inference_mode():
-            diff = (gather.attend(0, q, k, v).float() - kernel.attend(0, q, k, v).float()).abs().max().item()
-            t_gather = timed_call(lambda: gather.attend(0, q, k, v), device, opts.repeats)
-            t_kernel = timed_call(lambda: kernel.attend(0, q, k, v), device, opts.repeats)
-        kv_mb = 2 * lens.sum().item() * args.n_kv_heads * args.head_dim * 2 / 1e6
-        print(f"| {rows} x {context} | {kv_mb:.1f} | {1e6 * t_gather:.1f} | {1e6 * t_kernel:.1f} | "
-              f"{t_gather / t_kernel:.2f}x | {splits} | {diff:.2e} |", flush=True)
-        del cache, gather, kernel
+        print(run_case(args, rows, context, block, sm_count, device, opts.repeats, gen), flush=True)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # this case's cache is gone with run_case's frame
 
 
 if __name__ == "__main__":
