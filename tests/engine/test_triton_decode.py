@@ -19,24 +19,12 @@ pytest.importorskip("triton")
 rerun_interpreted = functools.partial(_rerun, __file__)
 
 
-def reference(q, k_cache, v_cache, tables, lens):
-    """Float64 attention of each row's query over its first `len` cached tokens."""
-    out = []
-    group = q.shape[1] // k_cache.shape[2]
-    for i, n in enumerate(lens.tolist()):
-        keys = k_cache[tables[i]].flatten(0, 1)[:n].double().repeat_interleave(group, 1)  # [n, Hq, D]
-        values = v_cache[tables[i]].flatten(0, 1)[:n].double().repeat_interleave(group, 1)
-        scores = torch.einsum("hd,nhd->hn", q[i].double(), keys) / q.shape[-1] ** 0.5
-        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
 def test_kernel_matches_attention_over_the_rows_own_tokens(dtype, group, request):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
-    from pixtral.engine.triton_decode import paged_decode_attention
+    from pixtral.engine.triton_decode import paged_decode_attention, reference_attention
 
     torch.manual_seed(0)
     num_blocks, block, kv_heads, dim = 48, 16, 2, 32
@@ -49,7 +37,7 @@ def test_kernel_matches_attention_over_the_rows_own_tokens(dtype, group, request
     for i, n in enumerate(lens.tolist()):
         tables[i, -(-n // block):] = 10**6
     q = torch.randn(len(lens), kv_heads * group, dim).to(dtype)
-    ref = reference(q, k_cache, v_cache, tables.clamp(max=num_blocks - 1), lens)
+    ref = reference_attention(q, k_cache, v_cache, tables.clamp(max=num_blocks - 1), lens, torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for splits in (1, 3, 7):  # 7 splits of 64 tokens: most rows leave some splits empty
         out = paged_decode_attention(q, k_cache, v_cache, tables, lens, splits)

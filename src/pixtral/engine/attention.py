@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixtral.engine import triton_decode
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.model.attention import sdpa
 
@@ -117,9 +118,7 @@ class DecodeAttention:
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
         if self.triton_splits is not None:
-            from pixtral.engine.triton_decode import paged_decode_attention
-
-            return paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_tables,
+            return triton_decode.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_tables,
                                           self.context_lens, self.triton_splits)
         b, hq, d = q.shape
         hkv = k.shape[1]

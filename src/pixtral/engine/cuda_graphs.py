@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from pixtral.engine import triton_decode
 from pixtral.engine.attention import MAX_GATHER_TOKENS, DecodeAttention, padded_block_table
 from pixtral.engine.block_allocator import NULL_BLOCK
 from pixtral.engine.kv_cache import PagedKVCache
@@ -43,8 +44,6 @@ class CudaGraphDecoder:
         # all rows, the eager per-sequence path (which gathers only real tokens) is cheaper.
         self.max_gather_tokens = max_gather_tokens
         device = cache.k.device
-        from pixtral.engine import triton_decode
-
         self.use_triton = use_triton and triton_decode.available(device)
         if self.use_triton:  # a kernel that does not compile or agree here leaves gather + SDPA in charge
             problem = triton_decode.self_check(device, cache.k.dtype, model.args.n_heads, cache.n_kv_heads,
@@ -99,9 +98,7 @@ class CudaGraphDecoder:
     def _splits(self, batch: int, width: int) -> int | None:
         if not self.use_triton:
             return None
-        from pixtral.engine.triton_decode import num_splits
-
-        return num_splits(batch, self.cache.n_kv_heads, width * self.block_size, self.sm_count)
+        return triton_decode.num_splits(batch, self.cache.n_kv_heads, width * self.block_size, self.sm_count)
 
     def _forward(self, batch: int, width: int) -> None:
         ctx = DecodeAttention(self.cache, self.positions[:batch], self.slots[:batch],

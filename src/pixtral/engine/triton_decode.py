@@ -22,6 +22,7 @@ engine keeps the portable path. Tests run the kernels on the CPU with `TRITON_IN
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -36,8 +37,6 @@ def available(device: torch.device) -> bool:
     """Whether the Triton kernels can run for tensors on `device`."""
     if triton is None:
         return False
-    import os
-
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -169,6 +168,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What `paged_decode_attention` computes, written out row by row in `dtype`."""
+    group = q.shape[1] // k_cache.shape[2]
+    out = []
+    for row, n in enumerate(context_lens.tolist()):
+        keys = k_cache[block_tables[row]].flatten(0, 1)[:n].to(dtype).repeat_interleave(group, 1)  # [n, Hq, D]
+        values = v_cache[block_tables[row]].flatten(0, 1)[:n].to(dtype).repeat_interleave(group, 1)
+        weights = torch.einsum("hd,nhd->hn", q[row].to(dtype), keys).div(q.shape[-1] ** 0.5).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", weights, values))
+    return torch.stack(out)
+
+
 def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
                block_size: int) -> str | None:
     """Run the kernel once on small random data against plain attention: None if it agrees, else
@@ -180,14 +192,7 @@ def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads:
     tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(3)]).to(device)
     lens = torch.tensor([1, block_size + 3, width * block_size - 5], device=device)
     q = torch.randn(3, q_heads, head_dim, generator=gen).to(device, dtype)
-    group = q_heads // kv_heads
-    expected = []
-    for row, n in enumerate(lens.tolist()):
-        keys = k_cache[tables[row]].flatten(0, 1)[:n].float().repeat_interleave(group, 1)  # [n, Hq, D]
-        values = v_cache[tables[row]].flatten(0, 1)[:n].float().repeat_interleave(group, 1)
-        weights = torch.einsum("hd,nhd->hn", q[row].float(), keys).div(head_dim ** 0.5).softmax(-1)
-        expected.append(torch.einsum("hn,nhd->hd", weights, values))
-    expected = torch.stack(expected)
+    expected = reference_attention(q, k_cache, v_cache, tables, lens)
     try:
         for splits in (1, 3):
             got = paged_decode_attention(q, k_cache, v_cache, tables, lens, splits).float()

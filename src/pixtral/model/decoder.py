@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixtral.model import fused_ops
 from pixtral.model.args import ModelArgs
 from pixtral.model.attention import AttentionContext
-from pixtral.model.layers import FeedForward, RMSNorm, fuse_linear_weights, linear_views_of
-from pixtral.model import fused_ops
+from pixtral.model.layers import FeedForward, RMSNorm, add_and_feed_forward, fuse_linear_weights, linear_views_of
 from pixtral.model.rope import apply_rotary
 
 
@@ -68,9 +68,4 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rotation, ctx: AttentionContext, layer: int):
-        a = self.attention(self.attention_norm(x), rotation, ctx, layer)
-        if self.ffn_norm.fused:  # the residual add and the FFN's norm in one kernel
-            h, normed = fused_ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
-            return h + self.feed_forward(normed)
-        h = x + a
-        return h + self.feed_forward(self.ffn_norm(h))
+        return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, ctx, layer), self.ffn_norm, self.feed_forward)

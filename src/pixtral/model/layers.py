@@ -75,3 +75,14 @@ class FeedForward(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def add_and_feed_forward(x: torch.Tensor, attn_out: torch.Tensor, ffn_norm: RMSNorm,
+                         feed_forward: FeedForward) -> torch.Tensor:
+    """The second half of a pre-norm block: h = x + attn_out, then h + feed_forward(ffn_norm(h)).
+    With fused kernels the add and the norm are one kernel."""
+    if ffn_norm.fused:
+        h, normed = fused_ops.add_rms_norm(x, attn_out, ffn_norm.weight, ffn_norm.eps)
+        return h + feed_forward(normed)
+    h = x + attn_out
+    return h + feed_forward(ffn_norm(h))

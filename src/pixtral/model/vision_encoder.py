@@ -11,7 +11,7 @@ from torch import nn
 from pixtral.model import fused_ops
 from pixtral.model.args import VisionArgs
 from pixtral.model.attention import block_attention
-from pixtral.model.layers import FeedForward, RMSNorm
+from pixtral.model.layers import FeedForward, RMSNorm, add_and_feed_forward
 from pixtral.model.rope import angles_2d, apply_rotary, rotations
 
 
@@ -44,12 +44,7 @@ class VisionBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
 
     def forward(self, x, rotation, seqlens):
-        a = self.attention(self.attention_norm(x), rotation, seqlens)
-        if self.ffn_norm.fused:  # the residual add and the FFN's norm in one kernel
-            h, normed = fused_ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
-            return h + self.feed_forward(normed)
-        h = x + a
-        return h + self.feed_forward(self.ffn_norm(h))
+        return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, seqlens), self.ffn_norm, self.feed_forward)
 
 
 class VisionLayers(nn.Module):
