@@ -83,3 +83,27 @@ def test_cli_convert(tmp_path, capsys):
     # An existing, non-empty destination is never overwritten by accident.
     assert main(["convert", str(src), str(tmp_path / "h"), "--to", "hf"]) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_patch_merger_without_its_norm_is_refused_in_the_hf_layout(tmp_path, capsys):
+    """transformers' Mistral3 projector (the only HF class with a patch merger) always applies the
+    pre-projector norm: a model without it keeps the Mistral layout, and asking for the HF layout
+    fails before anything is written, naming the setting."""
+    import dataclasses
+
+    from pixtral.errors import ConfigError
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+
+    args = preset("tiny")
+    args.vision = dataclasses.replace(args.vision, spatial_merge_size=2, mm_projector_id="patch_merge",
+                                      add_pre_mm_projector_layer_norm=False)
+    model = Pixtral(args)
+    with pytest.raises(ConfigError, match="add_pre_mm_projector_layer_norm"):
+        save_model(model, tmp_path / "hf", layout="hf")
+    assert not (tmp_path / "hf").exists()
+    save_model(model, tmp_path / "mistral")
+    assert not load_model(tmp_path / "mistral").args.vision.add_pre_mm_projector_layer_norm
+    assert main(["convert", str(tmp_path / "mistral"), str(tmp_path / "hf"), "--to", "hf"]) != 0
+    assert "add_pre_mm_projector_layer_norm" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

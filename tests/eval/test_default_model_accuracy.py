@@ -51,3 +51,23 @@ def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
         assert real[name] == (count, real_pct), name
         assert blank[name] == (count, blank_pct), name
     assert real["overall"][0] >= 1000  # at least 1000 held-out questions
+
+
+def test_readme_description_test_is_reproduced(heldout):
+    """The README's description test (scripts/describe_images.py) on the same held-out images: the
+    shipped model reads layouts and names but not small labels and values."""
+    import subprocess
+    import sys
+
+    script = README.parent / "scripts" / "describe_images.py"
+    run = subprocess.run([sys.executable, str(script), "--data", str(heldout), "--limit", "680"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| overall |"))
+    exact, words, glyphs, names = (float(c.strip().rstrip("%")) for c in row.split("|")[2:6])
+    assert "680 descriptions" in run.stdout
+    text = " ".join(README.read_text().split())
+    claim = (f"{words}% of all words, {names}% of names (titles, colours, shapes, items), but "
+             f"**{glyphs}% of single letters and numbers**")
+    assert claim in text, (claim, row)
+    assert f"and {exact}% of descriptions exact" in text, row

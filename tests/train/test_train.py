@@ -240,3 +240,55 @@ def test_image_feature_l2_is_a_training_term_only(tmp_path, chat_data):
 
     with pytest.raises(ConfigError, match="image_feature_l2"):
         load_config(None, [f"data.train={chat_data}", "optim.image_feature_l2=-1"]).validate()
+
+
+def test_learning_rates_of_the_encoder_and_the_rest_of_the_vision_path(chat_data):
+    """optim.vision_lr_scale scales the whole vision path (encoder, patch merger, adapter);
+    optim.encoder_lr_scale further scales the encoder and its pre-projector norm alone."""
+    from pixtral.errors import ConfigError
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+    from pixtral.train.trainer import param_groups
+
+    model = Pixtral(preset("tiny"))
+    cfg = load_config(None, [f"data.train={chat_data}", "optim.lr=1.0", "optim.vision_lr_scale=0.5",
+                             "optim.encoder_lr_scale=0.2"])
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+    seen = set()
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        expected = {"vision_encoder": 0.1, "pre_mm_projector_norm": 0.1, "patch_merger": 0.5,
+                    "vision_language_adapter": 0.5}.get(part, 1.0)
+        assert lr_of[id(p)] == pytest.approx(expected), name
+        seen.add(expected)
+    assert seen == {0.1, 0.5, 1.0}
+    for bad in ("-1", ".nan"):
+        with pytest.raises(ConfigError, match="encoder_lr_scale"):
+            load_config(None, [f"data.train={chat_data}", f"optim.encoder_lr_scale={bad}"]).validate()
+
+
+@pytest.mark.parametrize("blank_patch_init", [True, False])
+def test_blank_patch_init_embeds_a_white_page_to_zero(blank_patch_init):
+    """From scratch, `model.blank_patch_init` makes every patch filter orthogonal to a white patch
+    (in the preprocessing's normalised pixels): a blank page embeds to zero, a drawn one does not."""
+    from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
+
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+    from pixtral.train.trainer import init_weights
+
+    torch.manual_seed(0)
+    model = Pixtral(preset("tiny"))
+    init_weights(model, blank_patch_init)
+    mean, std = torch.tensor(DATASET_MEAN)[:, None, None], torch.tensor(DATASET_STD)[:, None, None]
+    white = torch.ones(3, 32, 32)
+    page = white.clone()
+    page[:, 4:12, 6:9] = 0.0  # a black stroke
+    with torch.no_grad():
+        blank, drawn = (model.vision_encoder.patchify([(img - mean) / std]) for img in (white, page))
+    drawn_norm = drawn.norm(dim=-1).max().item()
+    assert drawn_norm > 0.1
+    if blank_patch_init:
+        assert blank.abs().max().item() < 1e-5 * drawn_norm
+    else:
+        assert blank.norm(dim=-1).min().item() > 0.1 * drawn_norm

@@ -48,6 +48,7 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
     if layout not in (MISTRAL, HF):
         raise CheckpointError(f"unknown layout {layout!r}; use 'mistral' or 'hf'")
     dst = Path(dst).expanduser()
+    config = args.to_hf_config() if layout == HF else None  # refuses what HF cannot hold, before any write
     tmp = _prepare_output(dst, overwrite)
     try:
         specs = key_specs(args)
@@ -65,7 +66,6 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
 
             _write_hf_shards(tmp, [(s.hf, *shapes[s.mistral]) for s in specs], produce_hf)
             dtype = next(iter(shapes.values()))[1]
-            config = args.to_hf_config()
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_file is not None:

@@ -229,6 +229,11 @@ class ModelArgs:
         v = self.vision
         if v is None:
             return {**text, "architectures": ["MistralForCausalLM"]}
+        if v.uses_patch_merger and not v.add_pre_mm_projector_layer_norm:
+            # Mistral3's projector (the only HF class with a patch merger) always applies this norm.
+            raise ConfigError("this model has a patch merger but no pre-projector norm "
+                              "(add_pre_mm_projector_layer_norm: false); transformers' Mistral3 always applies "
+                              "that norm, so the Hugging Face layout cannot hold it: keep the Mistral layout")
         vision = {
             "model_type": "pixtral", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
             "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,

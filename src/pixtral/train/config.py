@@ -18,6 +18,9 @@ class ModelConfig:
     args: dict = field(default_factory=dict)  # ModelArgs overrides for a preset; vision fields under "vision"
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own, or mistral-common's
     tokenizer_ranks: int | None = None  # from scratch: a reduced Tekken with this many BPE ranks
+    # From scratch: start every patch-embedding filter orthogonal to a blank (white) patch, so that
+    # the page background embeds to zero (see `trainer.init_weights`).
+    blank_patch_init: bool = False
 
 
 @dataclass
@@ -50,6 +53,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     vision_lr_scale: float = 1.0  # lr multiplier for the vision encoder, adapter and patch merger
+    # A further multiplier for the vision encoder alone (and its pre-projector norm), e.g. to let an
+    # encoder trained from scratch take smaller steps than the adapter that reads from it.
+    encoder_lr_scale: float = 1.0
     # Weight of the mean square of the image features (adapter output) added to the training loss,
     # per target token. A vision encoder trained from scratch otherwise grows image features
     # thousands of times larger than text embeddings; behind the decoder's RMSNorm, its updates then
@@ -93,6 +99,9 @@ class TrainConfig:
             raise ConfigError(f"config: unknown 'freeze' entries {sorted(bad)} (use vision_encoder, adapter, decoder)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"config: 'parallel' must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        for name in ("vision_lr_scale", "encoder_lr_scale"):
+            if not getattr(self.optim, name) >= 0:  # also refuses NaN
+                raise ConfigError(f"config: 'optim.{name}' must be 0 or positive, got {getattr(self.optim, name)}")
         if self.optim.image_feature_l2 < 0:
             raise ConfigError(f"config: 'optim.image_feature_l2' must be 0 or positive, got {self.optim.image_feature_l2}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
