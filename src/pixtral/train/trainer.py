@@ -85,10 +85,10 @@ def init_weights(model: Pixtral, blank_patch_init: bool = False) -> None:
     With `blank_patch_init`, each patch-embedding filter then loses its component along a blank
     white patch (as the image preprocessing normalises it), so a white background embeds to
     exactly zero. Otherwise every token of a mostly white image carries one shared vector, many
-    times larger than what the drawing adds, and each optimizer step on the adapter moves that
-    shared vector by more than the differences between glyphs. On a single-glyph reading task
+    times larger than what the drawing adds, and (our reading) each optimizer step on the adapter
+    moves that shared vector by more than the glyphs differ. On a single-glyph reading task
     (name the one letter or digit drawn on a small white image), a 4-layer model with a frozen
-    random encoder stayed at chance for 1600 steps without this; with it, and without the
+    random encoder stayed at chance through 1400 steps without this; with it, and without the
     pre-projector RMSNorm (which scales the near-zero background tokens back up), it began to
     read at step 1000. On the full synthetic data it did not help (README, "The default model").
     """
