@@ -27,8 +27,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from pixtral import LLM, SamplingParams
 
 WORD = re.compile(r"[A-Za-z]+|\d+")
@@ -72,8 +70,7 @@ def main() -> None:
         ids, images, _ = llm.processor.encode_document([{"type": "image_url", "image_url": {"url": url}}])
         prompts.append({"prompt_token_ids": ids, "images": images})
         refs.append(" ".join(p["text"] for p in doc["content"] if p["type"] == "text"))
-    with torch.inference_mode():
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=96))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=96))
 
     totals: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
     for doc, ref, out in zip(docs, refs, outputs):

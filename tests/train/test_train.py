@@ -292,3 +292,25 @@ def test_blank_patch_init_embeds_a_white_page_to_zero(blank_patch_init):
         assert blank.abs().max().item() < 1e-5 * drawn_norm
     else:
         assert blank.norm(dim=-1).min().item() > 0.1 * drawn_norm
+
+
+def test_final_save_keeps_the_mistral_layout_when_hf_cannot_hold_the_model(tmp_path):
+    """A patch merger without its pre-projector norm has no transformers class: the trainer's final
+    save writes the Mistral layout, says why the HF one is missing, and does not fail the run."""
+    import dataclasses
+
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+    from pixtral.train.config import TrainConfig
+    from pixtral.train.trainer import save_final
+
+    args = preset("tiny")
+    args.vision = dataclasses.replace(args.vision, spatial_merge_size=2, mm_projector_id="patch_merge",
+                                      add_pre_mm_projector_layer_norm=False)
+    model = Pixtral(args)
+    logs: list[str] = []
+    save_final(model.state_dict(), args, TrainConfig(), tmp_path / "final", None, logs.append)
+    assert torch.equal(load_model(tmp_path / "final" / "mistral").patch_merger.merging_layer.weight,
+                       model.patch_merger.merging_layer.weight)
+    assert not (tmp_path / "final" / "hf").exists()
+    assert len(logs) == 1 and "not in the Hugging Face layout" in logs[0] and "add_pre_mm_projector_layer_norm" in logs[0]
