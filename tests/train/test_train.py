@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pixtral.checkpoint import load_model
+from pixtral.errors import ConfigError
 from pixtral.model.attention import PackedCausal
 from pixtral.processing import Processor
 from pixtral.train.config import load_config
@@ -294,6 +295,41 @@ def test_blank_patch_init_embeds_a_white_page_to_zero(blank_patch_init):
         assert blank.norm(dim=-1).min().item() > 0.1 * drawn_norm
 
 
+def test_centering_encoder_init_subtracts_each_images_mean_token():
+    """`model.centering_encoder_init` starts the vision transformer as `x - mean(x)` over each image
+    (attention kept inside each image), where x is `ln_pre` of the patch embeddings: a page's
+    background then embeds near zero whatever its colour, and only what is drawn stands out."""
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+    from pixtral.train.trainer import init_weights
+
+    torch.manual_seed(0)
+    model = Pixtral(preset("tiny"))
+    init_weights(model, centering_encoder=True)
+    encoder = model.vision_encoder
+    p = encoder.args.patch_size
+    page = torch.full((3, 3 * p, 4 * p), 1.5)
+    page[:, 4:12, 6:9] = -1.0  # a stroke in the first patch
+    other = torch.randn(3, 2 * p, 2 * p)
+    with torch.no_grad():
+        out, grids = encoder([page, other])
+        x = encoder.ln_pre(encoder.patchify([page, other]))
+    assert grids == [(3, 4), (2, 2)]
+    first, second = x[:12], x[12:]
+    expected = torch.cat([first - first.mean(0), second - second.mean(0)])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # the blank patches of the page are all alike: they embed to one small vector, the stroke does not
+    blank_norm = out[1:12].norm(dim=-1).max().item()
+    assert out[0].norm().item() > 5 * blank_norm
+    # without the option the encoder is random: no centering
+    torch.manual_seed(0)
+    plain = Pixtral(preset("tiny"))
+    init_weights(plain)
+    with torch.no_grad():
+        out_plain, _ = plain.vision_encoder([page, other])
+    assert (out_plain[:12].mean(0).norm() > 0.1 * out_plain[:12].norm(dim=-1).mean()).item()
+
+
 def test_final_save_keeps_the_mistral_layout_when_hf_cannot_hold_the_model(tmp_path):
     """A patch merger without its pre-projector norm has no transformers class: the trainer's final
     save writes the Mistral layout, says why the HF one is missing, and does not fail the run."""
@@ -314,3 +350,24 @@ def test_final_save_keeps_the_mistral_layout_when_hf_cannot_hold_the_model(tmp_p
                        model.patch_merger.merging_layer.weight)
     assert not (tmp_path / "final" / "hf").exists()
     assert len(logs) == 1 and "not in the Hugging Face layout" in logs[0] and "add_pre_mm_projector_layer_norm" in logs[0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """The recipes in configs/ parse with no unknown key and pass validation (their data files are
+    made by the commands in their comments, so only the settings are checked here)."""
+    cfg = load_config(path)
+    cfg.validate()
+    assert cfg.steps > 0 and cfg.data.train
+
+
+def test_from_scratch_settings_are_refused_with_a_checkpoint_init(chat_data):
+    """A checkpoint brings its own architecture and weights: architecture overrides or init options
+    given with one would be silently ignored, so the config is refused and the keys are named."""
+    base = [f"data.train={chat_data}", "model.init=some/checkpoint"]
+    load_config(None, base).validate()
+    for extra, key in (("model.args.dim=64", "model.args"), ("model.tokenizer_ranks=300", "model.tokenizer_ranks"),
+                       ("model.centering_encoder_init=true", "model.centering_encoder_init"),
+                       ("model.blank_patch_init=true", "model.blank_patch_init")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*only apply from scratch"):
+            load_config(None, base + [extra]).validate()

@@ -21,6 +21,10 @@ class ModelConfig:
     # From scratch: start every patch-embedding filter orthogonal to a blank (white) patch, so that
     # the page background embeds to zero (see `trainer.init_weights`).
     blank_patch_init: bool = False
+    # From scratch: start the vision encoder as "subtract the image's mean token" (its first
+    # attention layer averages uniformly over the image, the others add nothing), so a drawing
+    # stands out from the page it is on (see `trainer.init_centering_encoder`).
+    centering_encoder_init: bool = False
 
 
 @dataclass
@@ -94,6 +98,14 @@ class TrainConfig:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
         if not self.data.train:
             raise ConfigError("config: 'data.train' lists no training file")
+        if not self.model.init.startswith("preset:"):  # a checkpoint brings its own architecture and weights
+            scratch_only = {"args": bool(self.model.args), "tokenizer_ranks": self.model.tokenizer_ranks is not None,
+                            "blank_patch_init": self.model.blank_patch_init,
+                            "centering_encoder_init": self.model.centering_encoder_init}
+            given = [f"model.{k}" for k, on in scratch_only.items() if on]
+            if given:
+                raise ConfigError(f"config: {', '.join(given)} only apply from scratch (model.init: preset:NAME), "
+                                  f"but model.init is the checkpoint {self.model.init!r}")
         bad = set(self.freeze) - {"vision_encoder", "adapter", "decoder"}
         if bad:
             raise ConfigError(f"config: unknown 'freeze' entries {sorted(bad)} (use vision_encoder, adapter, decoder)")

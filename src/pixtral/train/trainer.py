@@ -79,7 +79,7 @@ def model_args_from(cfg: TrainConfig) -> ModelArgs:
     return args
 
 
-def init_weights(model: Pixtral, blank_patch_init: bool = False) -> None:
+def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encoder: bool = False) -> None:
     """GPT-style init for training from scratch: N(0, 0.02), residual outputs scaled by depth.
 
     With `blank_patch_init`, each patch-embedding filter then loses its component along a blank
@@ -103,6 +103,30 @@ def init_weights(model: Pixtral, blank_patch_init: bool = False) -> None:
         nn.init.normal_(p, 0.0, s)
     if blank_patch_init and model.args.vision is not None:
         remove_blank_patch_component(model.vision_encoder.patch_conv.weight)
+    if centering_encoder and model.args.vision is not None:
+        init_centering_encoder(model.vision_encoder)
+
+
+@torch.no_grad()
+def init_centering_encoder(encoder) -> None:
+    """Make the vision transformer compute `x - mean(x over the image)` for each patch token.
+
+    Every residual branch starts at zero except the first layer's attention: zero queries and keys
+    attend uniformly over the image (attention stays inside each image), and values `I` with
+    output `-I` subtract the average. Its input is `ln_pre`'s output, whose tokens all have RMS 1,
+    so the attention norm leaves them unchanged and the average is that of the tokens themselves.
+    On a page that is mostly background, the background then embeds near zero and what is drawn
+    stands out, instead of every token carrying one large shared vector.
+    """
+    for block in encoder.transformer.layers:
+        block.attention.wo.weight.zero_()
+        block.feed_forward.w2.weight.zero_()
+    first = encoder.transformer.layers[0].attention
+    eye = torch.eye(first.wv.weight.shape[0], dtype=first.wv.weight.dtype)
+    first.wq.weight.zero_()
+    first.wk.weight.zero_()
+    first.wv.weight.copy_(eye)
+    first.wo.weight.copy_(-eye)
 
 
 @torch.no_grad()
@@ -128,7 +152,7 @@ def build_model(cfg: TrainConfig, out: Path, main: bool):
     if init.startswith("preset:"):
         args = model_args_from(cfg)
         model = Pixtral(args)
-        init_weights(model, cfg.model.blank_patch_init)
+        init_weights(model, cfg.model.blank_patch_init, cfg.model.centering_encoder_init)
         tok = out / "tekken.json"
         if cfg.model.tokenizer:
             tok = Path(cfg.model.tokenizer)

@@ -1,0 +1,65 @@
+"""A reading drill: letters and digits in a loose grid on a white image, described in reading order.
+
+    .venv/bin/python scripts/glyph_grid_data.py --out runs/glyph_grid/train --n 20000 --seed 1
+    .venv/bin/python scripts/glyph_grid_data.py --out runs/glyph_grid/val --n 300 --seed 2
+
+Writes `pretrain.jsonl` (interleaved documents: the image, then its glyphs row by row, e.g.
+"B 4 K. 7 A.") and the images. Between one glyph on a blank page (scripts/single_glyph_data.py) and
+the synthetic charts and tables: several glyphs at once, to be read in order, as labels and cells are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from pixtral.data.synth.draw import Canvas
+
+GLYPHS = list("ABCDEFGHKLM") + list("123456789")
+
+
+def grid_document(rng: random.Random) -> tuple[Canvas, str]:
+    rows, cols = rng.randint(1, 4), rng.randint(1, 5)
+    cell_w, cell_h = rng.uniform(36, 56), rng.uniform(32, 52)
+    scale = rng.uniform(1.0, 2.5)  # image px per view unit: the model sees every image at <= 256 px
+    width = max(64, round((cols * cell_w + 16) * scale))
+    height = max(64, round((rows * cell_h + 16) * scale))
+    canvas = Canvas(width, height)
+    lines = []
+    for r in range(rows):
+        row = []
+        for c in range(cols):
+            if rng.random() < 0.3:
+                continue
+            glyph = rng.choice(GLYPHS)
+            x = 8 + (c + 0.5) * cell_w + rng.uniform(-0.15, 0.15) * cell_w
+            y = 8 + (r + 0.5) * cell_h + rng.uniform(-0.1, 0.1) * cell_h
+            canvas.text(x * canvas.w / (width / scale), y * canvas.h / (height / scale), glyph)
+            row.append(glyph)
+        if row:
+            lines.append(" ".join(row) + ".")
+    return canvas, " ".join(lines) if lines else "Blank."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    args = ap.parse_args()
+    (args.out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    with open(args.out / "pretrain.jsonl", "w") as f:
+        for i in range(args.n):
+            canvas, text = grid_document(rng)
+            name = f"images/{i:06d}.png"
+            canvas.image.save(args.out / name)
+            f.write(json.dumps({"id": f"grid-{i}", "category": "read", "content": [
+                {"type": "image_url", "image_url": {"url": name}}, {"type": "text", "text": text}]}) + "\n")
+    print(f"wrote {args.n} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
