@@ -10,12 +10,10 @@ the synthetic charts and tables: several glyphs at once, to be read in order, as
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
 
 from pixtral.data.synth.draw import Canvas
+from single_glyph_data import write_documents  # this folder: the drills share their command line
 
 GLYPHS = list("ABCDEFGHKLM") + list("123456789")
 
@@ -43,23 +41,5 @@ def grid_document(rng: random.Random) -> tuple[Canvas, str]:
     return canvas, " ".join(lines) if lines else "Blank."
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--n", type=int, required=True)
-    ap.add_argument("--seed", type=int, required=True)
-    args = ap.parse_args()
-    (args.out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
-    with open(args.out / "pretrain.jsonl", "w") as f:
-        for i in range(args.n):
-            canvas, text = grid_document(rng)
-            name = f"images/{i:06d}.png"
-            canvas.image.save(args.out / name)
-            f.write(json.dumps({"id": f"grid-{i}", "category": "read", "content": [
-                {"type": "image_url", "image_url": {"url": name}}, {"type": "text", "text": text}]}) + "\n")
-    print(f"wrote {args.n} images to {args.out}")
-
-
 if __name__ == "__main__":
-    main()
+    write_documents(grid_document, "grid", __doc__.splitlines()[0])

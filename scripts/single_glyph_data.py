@@ -24,8 +24,19 @@ GLYPHS = list("ABCDEFGHKLM") + list("123456789")
 SIZES = [(160, 96), (192, 128), (128, 128)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def single_glyph_document(rng: random.Random) -> tuple[Canvas, str]:
+    width, height = rng.choice(SIZES)
+    canvas = Canvas(width, height)
+    x = rng.sample(range(12, width - 12, 4), 1)[0]
+    glyph = rng.choice(GLYPHS)
+    canvas.text(x, rng.uniform(14, height - 14), glyph, size=TEXT)
+    return canvas, glyph
+
+
+def write_documents(make_document, id_prefix: str, description: str) -> None:
+    """The drills' command line: `--out DIR --n N --seed S` writes DIR/pretrain.jsonl (one document
+    per image: the image, then `make_document`'s text) and DIR/images/."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
@@ -34,17 +45,13 @@ def main() -> None:
     rng = random.Random(args.seed)
     with open(args.out / "pretrain.jsonl", "w") as f:
         for i in range(args.n):
-            width, height = rng.choice(SIZES)
-            canvas = Canvas(width, height)
-            x = rng.sample(range(12, width - 12, 4), 1)[0]
-            glyph = rng.choice(GLYPHS)
-            canvas.text(x, rng.uniform(14, height - 14), glyph, size=TEXT)
+            canvas, text = make_document(rng)
             name = f"images/{i:06d}.png"
             canvas.image.save(args.out / name)
-            f.write(json.dumps({"id": f"glyph-{i}", "category": "read", "content": [
-                {"type": "image_url", "image_url": {"url": name}}, {"type": "text", "text": glyph}]}) + "\n")
+            f.write(json.dumps({"id": f"{id_prefix}-{i}", "category": "read", "content": [
+                {"type": "image_url", "image_url": {"url": name}}, {"type": "text", "text": text}]}) + "\n")
     print(f"wrote {args.n} images to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    write_documents(single_glyph_document, "glyph", __doc__.splitlines()[0])
