@@ -33,16 +33,21 @@ def single_glyph_document(rng: random.Random) -> tuple[Canvas, str]:
     return canvas, glyph
 
 
-def write_documents(make_document, id_prefix: str, description: str) -> None:
-    """The drills' command line: `--out DIR --n N --seed S` writes DIR/pretrain.jsonl (one document
-    per image: the image, then `make_document`'s text) and DIR/images/."""
+def drill_args(description: str) -> tuple[argparse.Namespace, random.Random]:
+    """`--out DIR --n N --seed S` parsed, DIR/images/ made, and the seeded generator."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     args = ap.parse_args()
     (args.out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
+    return args, random.Random(args.seed)
+
+
+def write_documents(make_document, id_prefix: str, description: str) -> None:
+    """The drills' command line: `--out DIR --n N --seed S` writes DIR/pretrain.jsonl (one document
+    per image: the image, then `make_document`'s text) and DIR/images/."""
+    args, rng = drill_args(description)
     with open(args.out / "pretrain.jsonl", "w") as f:
         for i in range(args.n):
             canvas, text = make_document(rng)
