@@ -13,19 +13,18 @@ from __future__ import annotations
 import random
 
 from pixtral.data.synth.draw import Canvas
-from single_glyph_data import write_documents  # this folder: the drills share their command line
-
-GLYPHS = list("ABCDEFGHKLM") + list("123456789")
+from single_glyph_data import GLYPHS, write_documents  # this folder: the drills share glyphs and command line
 
 
-def grid_document(rng: random.Random) -> tuple[Canvas, str]:
+def glyph_grid(rng: random.Random) -> tuple[Canvas, list[list[str]]]:
+    """A page and its glyphs, row by row (rows with no glyph left out)."""
     rows, cols = rng.randint(1, 4), rng.randint(1, 5)
     cell_w, cell_h = rng.uniform(36, 56), rng.uniform(32, 52)
     scale = rng.uniform(1.0, 2.5)  # image px per view unit: the model sees every image at <= 256 px
     width = max(64, round((cols * cell_w + 16) * scale))
     height = max(64, round((rows * cell_h + 16) * scale))
     canvas = Canvas(width, height)
-    lines = []
+    glyph_rows: list[list[str]] = []
     for r in range(rows):
         row = []
         for c in range(cols):
@@ -34,11 +33,16 @@ def grid_document(rng: random.Random) -> tuple[Canvas, str]:
             glyph = rng.choice(GLYPHS)
             x = 8 + (c + 0.5) * cell_w + rng.uniform(-0.15, 0.15) * cell_w
             y = 8 + (r + 0.5) * cell_h + rng.uniform(-0.1, 0.1) * cell_h
-            canvas.text(x * canvas.w / (width / scale), y * canvas.h / (height / scale), glyph)
+            canvas.text(x * scale / canvas.scale, y * scale / canvas.scale, glyph)  # into the canvas's view units
             row.append(glyph)
         if row:
-            lines.append(" ".join(row) + ".")
-    return canvas, " ".join(lines) if lines else "Blank."
+            glyph_rows.append(row)
+    return canvas, glyph_rows
+
+
+def grid_document(rng: random.Random) -> tuple[Canvas, str]:
+    canvas, rows = glyph_grid(rng)
+    return canvas, " ".join(" ".join(row) + "." for row in rows) if rows else "Blank."
 
 
 if __name__ == "__main__":

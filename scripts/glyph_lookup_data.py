@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import random
 
-from glyph_grid_data import grid_document  # this folder
+from glyph_grid_data import glyph_grid  # this folder
 from single_glyph_data import drill_args
 
 
 def lookup_question(rng: random.Random):
     """(canvas, X, the glyph after X), or None for a page with no glyph that occurs once and has a
     right neighbour."""
-    canvas, text = grid_document(rng)
-    rows = [row.split() for row in text.rstrip(".").split(". ")] if text != "Blank." else []
+    canvas, rows = glyph_grid(rng)
     glyphs = [g for row in rows for g in row]
     pairs = [(row[i], row[i + 1]) for row in rows for i in range(len(row) - 1) if glyphs.count(row[i]) == 1]
     return (canvas, *rng.choice(pairs)) if pairs else None
