@@ -40,14 +40,35 @@ def is_glyph_fact(word: str) -> bool:
     return word.isdigit() or (len(word) == 1 and word.isalpha())
 
 
+# Clause boundaries: ", " and ". ", and ": " unless a number follows ("Floor: 3" is one fact).
+CLAUSE = re.compile(r"[.,](?:\s+|$)|:\s+(?!\d)")
+
+
+def facts(text: str) -> collections.Counter:
+    """The clauses of a description as word tuples; "3 follows Floor" is the fact "Floor: 3"."""
+    found: collections.Counter = collections.Counter()
+    for clause in CLAUSE.split(text.strip()):
+        w = words(clause)
+        if len(w) == 3 and w[1] == "follows":
+            w = [w[2], w[0]]
+        if w:
+            found[tuple(w)] += 1
+    return found
+
+
 def score(reference: str, prediction: str) -> dict[str, tuple[int, int]]:
     """(right, total) for each measure of one description."""
     ref, pred = words(reference), words(prediction)
     right = [i < len(pred) and pred[i] == w for i, w in enumerate(ref)]
     glyph = [r for w, r in zip(ref, right) if is_glyph_fact(w)]
     names = [r for i, (w, r) in enumerate(zip(ref, right)) if i > 0 and not is_glyph_fact(w)]
+    ref_facts, pred_facts = facts(reference), facts(prediction)
+    stated = ref_facts & pred_facts
+    glyphs_in = lambda c: sum(n for f, n in c.items() if any(map(is_glyph_fact, f)))  # noqa: E731
     return {"exact": (int(ref == pred), 1), "words": (sum(right), len(right)),
-            "labels and values": (sum(glyph), len(glyph)), "names": (sum(names), len(names))}
+            "labels and values": (sum(glyph), len(glyph)), "names": (sum(names), len(names)),
+            "facts": (sum(stated.values()), sum(ref_facts.values())),
+            "glyph facts": (glyphs_in(stated), glyphs_in(ref_facts))}
 
 
 def main() -> None:
@@ -81,7 +102,7 @@ def main() -> None:
                 totals[group][measure][1] += total
     for doc, ref, out in list(zip(docs, refs, outputs))[: args.show]:
         print(f"{doc['id']}\n  reference: {ref}\n  model:     {out.outputs[0].text}")
-    measures = ["exact", "words", "labels and values", "names"]
+    measures = ["exact", "words", "labels and values", "names", "facts", "glyph facts"]
     print(f"{len(docs)} descriptions from {docs_path}, model {args.model or 'default'}\n")
     print("| category | " + " | ".join(measures) + " |")
     print("|---" * (len(measures) + 1) + "|")

@@ -145,7 +145,8 @@ def test_pretrain_documents_describe_the_train_images(dataset):
     out, manifest = dataset
     train = _lines(out / "train.jsonl")
     docs = _lines(out / "pretrain.jsonl")
-    assert manifest["pretrain"] == {"file": "pretrain.jsonl", "count": len(train), "format": "document"}
+    assert manifest["pretrain"] == {"file": "pretrain.jsonl", "count": len(train), "format": "document",
+                                    "order": "reading"}
     assert len(docs) == len(train)
     for rec, doc in zip(train, docs):
         assert doc["id"] == rec["id"] and doc["category"] == rec["category"]
@@ -153,6 +154,22 @@ def test_pretrain_documents_describe_the_train_images(dataset):
         assert image == rec["messages"][0]["content"][0]
         index = int(Path(image["image_url"]["url"]).stem)
         assert text == {"type": "text", "text": generate_sample(manifest["seed"], index, rec["category"]).description}
+
+
+def test_lookup_documents_change_only_the_document_text(tmp_path, dataset):
+    out, _ = dataset
+    lookup = tmp_path / "lookup"
+    manifest = _write(lookup, n=60, seed=3, documents="lookup")
+    assert manifest["pretrain"]["order"] == "lookup"
+    before, after = _files(out), _files(lookup)
+    assert {k for k in before if k not in ("pretrain.jsonl", "manifest.json")} == \
+        {k for k in after if k not in ("pretrain.jsonl", "manifest.json")}
+    assert all(before[k] == after[k] for k in before if k not in ("pretrain.jsonl", "manifest.json"))
+    for doc in _lines(lookup / "pretrain.jsonl"):
+        index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
+        assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).lookup
+    with pytest.raises(PixtralError, match="--documents must be one of reading, lookup"):
+        _write(tmp_path / "bad", n=5, seed=3, documents="shuffled")
 
 
 def test_pretrain_documents_load_as_training_documents(dataset):
@@ -350,3 +367,34 @@ def test_api_validates_config(tmp_path):
         write_dataset(SynthConfig(out=tmp_path / "a", n=-1), progress=False)
     with pytest.raises(PixtralError, match="--categories"):
         write_dataset(SynthConfig(out=tmp_path / "a", n=3, categories=()), progress=False)
+
+
+def _keyed(lookup: str, template: str, question: str, answer: str) -> bool:
+    """Whether `lookup` states the answer to `question` right after the key the question names."""
+    last = question.rstrip("?").split()[-1]
+    if template == "tables.cell":
+        item, column = re.match(r"What is the value for (\w+) in column (\w+)\?", question).groups()
+        return f"{item} {column} {answer}." in lookup
+    if template == "documents.after":
+        return f"{last}: {answer}." in lookup or f"{answer} follows {last}." in lookup
+    if template == "documents.which":
+        return f"{answer}: {last}." in lookup or f"{last} follows {answer}." in lookup
+    if template in ("diagrams.colour", "diagrams.shape"):
+        return re.search(rf"\b{last} (\w+) (\w+)", lookup).group(1 if template == "diagrams.colour" else 2) == answer
+    if template == "misc.colour":
+        return f"{last} {answer}" in lookup
+    return _stated(lookup, template, question, answer)  # the same wording as the description
+
+
+def test_lookup_documents_key_every_answer_in_random_order():
+    checked, reordered = 0, 0
+    for i in range(300):
+        sample = generate_sample(21, i)
+        reordered += sample.lookup != sample.description
+        for turn in sample.turns:
+            if turn.template not in NOT_STATED:
+                assert _keyed(sample.lookup, turn.template, turn.question, turn.answer), (sample.lookup, turn)
+                checked += 1
+    assert checked > 300
+    assert reordered > 200  # not the reading order (two-item charts keep it half the time)
+

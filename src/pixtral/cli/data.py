@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                        help="comma-separated subset of: charts,tables,documents,diagrams,misc (default: all)")
     synth.add_argument("--workers", default="1", metavar="W",
                        help="worker processes (default 1); output does not depend on it")
+    synth.add_argument("--documents", default="reading", choices=("reading", "lookup"),
+                       help="facts in pretrain.jsonl: in reading order (default), or each keyed by what a "
+                            "question names, in random order")
     synth.add_argument("--overwrite", action="store_true",
                        help="replace a previous `pixtral data synth` output in DIR")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,6 +92,7 @@ def run_synth(args: argparse.Namespace) -> int:
         categories=categories,
         workers=_int(args.workers, "--workers", "a positive integer"),
         overwrite=args.overwrite,
+        documents=args.documents,
     )
     start = time.perf_counter()
     manifest = write_dataset(config, progress=not args.quiet)

@@ -30,10 +30,22 @@ class Sample:
     # the text of the interleaved pre-training documents, which supervise every part of the
     # image at once instead of the one or two facts a question asks for.
     description: str = ""
+    # The same facts with the key first and in random order ("Bar chart Sales, 3 bars: C 7, A 4,
+    # D 1."): the text of the pre-training documents. In reading order a value can be read off by
+    # position alone; in random order each value must be found from the key just written, which
+    # is the lookup the questions ask for ("What is the value of bar C?").
+    lookup: str = ""
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+
+def shuffled(rng: random.Random, items: list[str]) -> list[str]:
+    """A copy of `items` in random order."""
+    items = list(items)
+    rng.shuffle(items)
+    return items
 
 
 def choose_plan(rng: random.Random, single: tuple[str, ...], multi: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
 from pixtral.data.synth.draw import TEXT, Canvas, sample_size
 from pixtral.data.synth.vocab import CHART_TITLES, COLOR_NAMES, COLORS, DIGITS, GREY, INK, LETTERS, WHITE
 
@@ -69,9 +69,11 @@ def generate(rng: random.Random) -> Sample:
         else:
             question, answer = questions[template], str(k)
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
-    pairs = ", ".join(f"{label} {value}" for label, value in zip(labels, values))
-    description = f"{kind.capitalize()} chart {title}, {k} {'bars' if kind == 'bar' else 'points'}: {pairs}."
-    return Sample(CATEGORY, canvas.image, turns, description)
+    pairs = [f"{label} {value}" for label, value in zip(labels, values)]
+    head = f"{kind.capitalize()} chart {title}, {k} {'bars' if kind == 'bar' else 'points'}"
+    description = f"{head}: {', '.join(pairs)}."
+    lookup = f"{head}: {', '.join(shuffled(rng, pairs))}."
+    return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
 def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:

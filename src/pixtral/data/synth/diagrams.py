@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 
-from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
 from pixtral.data.synth.draw import Canvas, ink_for, sample_size
 from pixtral.data.synth.vocab import COLOR_NAMES, COLORS, INK, LETTERS, SHAPE_PLURALS, SHAPES
 
@@ -73,7 +73,10 @@ def generate(rng: random.Random) -> Sample:
     nodes = ", ".join(f"{colours[i]} {shapes[i]} {labels[i]}" for i in order)
     links = ", ".join(f"{labels[a]} to {labels[b]}" for a, b in arrows)
     description = f"Diagram: {nodes}. Arrows: {links}."
-    return Sample(CATEGORY, canvas.image, turns, description)
+    keyed = shuffled(rng, [f"{labels[i]} {colours[i]} {shapes[i]}" for i in range(n)])
+    arrows_keyed = shuffled(rng, [f"{labels[a]} to {labels[b]}" for a, b in arrows])
+    lookup = f"Diagram: {', '.join(keyed)}. Arrows: {', '.join(arrows_keyed)}."
+    return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
 def _layout(c: Canvas, rng: random.Random, n: int) -> tuple[list[tuple[float, float]], float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
 from pixtral.data.synth.draw import TEXT, TITLE, Canvas, sample_size
 from pixtral.data.synth.vocab import DIGITS, FIELDS, GREY, INK, LIGHT_GREY, TITLES
 
@@ -57,7 +57,11 @@ def generate(rng: random.Random) -> Sample:
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
     fields = " ".join(f"{word}: {number}." for word, number in zip(words, numbers))
     description = f"Document titled {title}. {fields}"
-    return Sample(CATEGORY, canvas.image, turns, description)
+    # Half the fields the other way round ("7 follows Floor."), for "Which word is followed by 7?".
+    looked_up = [f"{word}: {number}." if rng.random() < 0.5 else f"{number} follows {word}."
+                 for word, number in shuffled(rng, list(zip(words, numbers)))]
+    lookup = f"Document titled {title}. {' '.join(looked_up)}"
+    return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
 def _draw(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: list[int]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
 from pixtral.data.synth.draw import Canvas, sample_size
 from pixtral.data.synth.vocab import BROWN, COLOR_NAMES, COLORS, OBJECT_PLURALS, OBJECTS, WHITE
 
@@ -79,7 +79,9 @@ def generate(rng: random.Random) -> Sample:
     counts = [(sum(k == kind for k, _ in objects), kind) for kind in OBJECTS]
     totals = ", ".join(f"{n} {OBJECT_PLURALS[kind] if n > 1 else kind}" for n, kind in counts if n)
     description = f"Scene: {', '.join(f'{colour} {kind}' for kind, colour in in_order)}. {totals}."
-    return Sample(CATEGORY, canvas.image, turns, description)
+    keyed = shuffled(rng, [f"{kind} {colour}" for kind, colour in objects])
+    lookup = f"Scene: {', '.join(keyed)}. {totals}."
+    return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
 def _draw_object(c: Canvas, kind: str, cx: float, cy: float, s: float, fill) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from pixtral.data.synth.base import Sample, Turn, choose_plan
+from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
 from pixtral.data.synth.draw import Canvas, sample_size
 from pixtral.data.synth.vocab import DIGITS, INK, ITEMS, LETTERS
 
@@ -62,8 +62,11 @@ def generate(rng: random.Random) -> Sample:
             question, answer = QUESTIONS[template], str(n_rows)
         turns.append(Turn(f"{CATEGORY}.{template}", question, answer))
     rows = " ".join(f"{item}: {' '.join(map(str, row))}." for item, row in zip(items, values))
-    description = f"Table, {n_rows} items, columns {' '.join(columns)}. {rows}"
-    return Sample(CATEGORY, canvas.image, turns, description)
+    head = f"Table, {n_rows} items, columns {' '.join(columns)}."
+    description = f"{head} {rows}"
+    cells = [f"{item} {column} {value}." for item, row in zip(items, values) for column, value in zip(columns, row)]
+    lookup = f"{head} {' '.join(shuffled(rng, cells))}"
+    return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
 def _draw(c: Canvas, items: list[str], columns: list[str], values: list[list[int]], header_fill) -> None:

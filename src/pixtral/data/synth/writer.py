@@ -1,10 +1,12 @@
 """Split and write a synthetic data set: DIR/images/*.png, DIR/{train,val,test}.jsonl,
 DIR/pretrain.jsonl and DIR/manifest.json.
 
-`pretrain.jsonl` holds one interleaved document per training image (the image, then its
-description: every label, value and object in reading order), in the trainer's document
-format; the paper pre-trains on such documents before instruction tuning, and here they
-teach the vision encoder to read far faster than one short answer per image does.
+`pretrain.jsonl` holds one interleaved document per training image (the image, then every
+label, value and object in it), in the trainer's document format; the paper pre-trains on such
+documents before instruction tuning, and here they supervise every fact of an image at once
+where a question supervises one. `documents="reading"` lists the facts in reading order
+(`Sample.description`), `"lookup"` keyed by what a question would name and in random order
+(`Sample.lookup`).
 
 Every file is written to a temporary name and renamed into place, the JSONL files only
 after all their images exist and the manifest last: an interrupted run leaves no JSONL
@@ -38,6 +40,7 @@ IMAGE_DIR = "images"
 MANIFEST = "manifest.json"
 MAX_N = 10_000_000
 MAX_WORKERS = 64
+DOCUMENT_ORDERS = ("reading", "lookup")
 _OUR_IMAGE = re.compile(r"^\d{6,}\.png$")
 
 
@@ -52,6 +55,7 @@ class SynthConfig:
     workers: int = 1
     overwrite: bool = False
     compress_level: int = 1  # PNG zlib level: 1 is fast, files are mostly white anyway
+    documents: str = "reading"  # the text of pretrain.jsonl: one of DOCUMENT_ORDERS
 
 
 def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
@@ -83,12 +87,12 @@ def conversation(record_id: str, category: str, turns: list[Turn], image_url: st
     }
 
 
-def document(record_id: str, category: str, description: str, image_url: str) -> dict:
-    """A JSONL record in the interleaved-document format: the image, then its description."""
+def document(record_id: str, category: str, text: str, image_url: str) -> dict:
+    """A JSONL record in the interleaved-document format: the image, then `text` about it."""
     return {
         "id": record_id,
         "category": category,
-        "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": description}],
+        "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}],
     }
 
 
@@ -114,6 +118,8 @@ def check_config(config: SynthConfig) -> None:
         raise PixtralError(f"--categories lists a category twice: {','.join(config.categories)}")
     if not isinstance(config.workers, int) or not 1 <= config.workers <= MAX_WORKERS:
         raise PixtralError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {config.workers!r}")
+    if config.documents not in DOCUMENT_ORDERS:
+        raise PixtralError(f"--documents must be one of {', '.join(DOCUMENT_ORDERS)}, got {config.documents!r}")
     if not 0 <= config.compress_level <= 9:
         raise PixtralError(f"PNG compress_level must be 0..9, got {config.compress_level!r}")
 
@@ -158,14 +164,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _make(job: tuple[int, int, str, str, int]) -> tuple[list[Turn], str, str]:
+def _make(job: tuple[int, int, str, str, int, str]) -> tuple[list[Turn], str, str]:
     """Generate one sample and write its image atomically; runs in worker processes."""
-    seed, index, category, image_path, compress_level = job
+    seed, index, category, image_path, compress_level, documents = job
     sample = generate_sample(seed, index, category)
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG", compress_level=compress_level)
     _write_atomic(Path(image_path), buf.getvalue())
-    return sample.turns, sample.category, sample.description
+    return sample.turns, sample.category, sample.lookup if documents == "lookup" else sample.description
 
 
 def _ignore_sigint() -> None:
@@ -180,7 +186,7 @@ def _jobs(config: SynthConfig, images: Path, counts: dict[str, int]) -> Iterator
         for j in range(counts[split]):
             category = config.categories[j % len(config.categories)]
             yield split, j, index, (config.seed, index, category, str(images / f"{index:0{digits}d}.png"),
-                                    config.compress_level)
+                                    config.compress_level, config.documents)
             index += 1
 
 
@@ -209,12 +215,12 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
         else:
             results = map(_make, payloads)
         bar = _progress(config.n, out, progress)
-        for (split, j, index, payload), (turns, category, description) in zip(jobs, results):
+        for (split, j, index, payload), (turns, category, facts) in zip(jobs, results):
             url = f"{IMAGE_DIR}/{Path(payload[3]).name}"
             record = conversation(f"{split}-{j}", category, turns, url)
             files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
             if split == "train":
-                doc = document(f"{split}-{j}", category, description, url)
+                doc = document(f"{split}-{j}", category, facts, url)
                 files[PRETRAIN].write(json.dumps(doc, ensure_ascii=False) + "\n")
             per_split[split][category] += 1
             per_template[split].update(t.template for t in turns)
@@ -261,7 +267,8 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
             }
             for s in SPLITS
         },
-        "pretrain": {"file": f"{PRETRAIN}.jsonl", "count": counts["train"], "format": "document"},
+        "pretrain": {"file": f"{PRETRAIN}.jsonl", "count": counts["train"], "format": "document",
+                     "order": config.documents},
     }
     _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
