@@ -33,12 +33,15 @@ def single_glyph_document(rng: random.Random) -> tuple[Canvas, str]:
     return canvas, glyph
 
 
-def drill_args(description: str) -> tuple[argparse.Namespace, random.Random]:
-    """`--out DIR --n N --seed S` parsed, DIR/images/ made, and the seeded generator."""
+def drill_args(description: str, extra=None) -> tuple[argparse.Namespace, random.Random]:
+    """`--out DIR --n N --seed S` (and what `extra(parser)` adds) parsed, DIR/images/ made, and the
+    seeded generator."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     return args, random.Random(args.seed)

@@ -398,3 +398,66 @@ def test_lookup_documents_key_every_answer_in_random_order():
     assert checked > 300
     assert reordered > 200  # not the reading order (two-item charts keep it half the time)
 
+
+
+# -- grid layout ---------------------------------------------------------------------------
+
+
+def test_grid_images_are_seen_as_whole_token_cells():
+    from pixtral import LLM
+    from pixtral.data.synth.draw import CELL
+
+    processor = LLM().processor  # the default model: 16-px patches merged 2x2 at <= 256 px
+    sizes = set()
+    for i in range(60):
+        image = generate_sample(8, i, layout="grid").image
+        _, images, _ = processor.encode_document([{"type": "image", "image": image}])
+        height, width = images[0].shape[-2:]
+        assert width % CELL == 0 and height % CELL == 0, (image.size, (width, height))
+        scale = max(1.0, max(image.size) / VIEW)
+        assert abs(width - image.width / scale) < 2 and abs(height - image.height / scale) < 2, image.size
+        sizes.add(image.size)
+        assert MIN_SIDE <= min(image.size) and max(image.size) <= MAX_SIDE
+    assert len(sizes) > 40 and max(max(s) for s in sizes) > 2 * VIEW  # varied, and many scaled down
+
+
+def test_grid_layout_puts_every_label_and_value_in_one_token_cell(monkeypatch):
+    from pixtral.data.synth.draw import CELL
+
+    drawn = []
+    original = Canvas.text
+
+    def recording(self, x, cy, text, *args, **kwargs):
+        bounds = original(self, x, cy, text, *args, **kwargs)
+        drawn.append((text, bounds))
+        return bounds
+
+    monkeypatch.setattr(Canvas, "text", recording)
+    checked = 0
+    for i in range(150):
+        drawn.clear()
+        sample = generate_sample(9, i, layout="grid")
+        for text, (x0, y0, x1, y1) in drawn:
+            if len(text) == 1:  # a label or a value (titles, items and words span cells)
+                assert int(x0 // CELL) == int((x1 - 0.5) // CELL), (sample.category, text, x0, x1)
+                assert int(y0 // CELL) == int((y1 - 0.5) // CELL), (sample.category, text, y0, y1)
+                checked += 1
+    assert checked > 500
+
+
+def test_grid_layout_keeps_the_questions_answerable_and_differs_from_free():
+    for i in range(100):
+        free, grid = generate_sample(4, i), generate_sample(4, i, layout="grid")
+        assert grid.category == free.category
+        for turn in grid.turns:
+            if turn.template not in NOT_STATED:
+                assert _stated(grid.description, turn.template, turn.question, turn.answer), (grid.description, turn)
+    with pytest.raises(ValueError, match="unknown layout 'tiles'"):
+        generate_sample(4, 0, layout="tiles")
+
+
+def test_layout_option_is_written_to_the_manifest(tmp_path):
+    manifest = _write(tmp_path / "g", n=10, seed=2, layout="grid")
+    assert manifest["layout"] == "grid"
+    with pytest.raises(PixtralError, match="--layout must be one of free, grid"):
+        _write(tmp_path / "bad", n=5, seed=2, layout="tiles")

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                        help="comma-separated subset of: charts,tables,documents,diagrams,misc (default: all)")
     synth.add_argument("--workers", default="1", metavar="W",
                        help="worker processes (default 1); output does not depend on it")
+    synth.add_argument("--layout", default="free", choices=("free", "grid"),
+                       help="where labels, values and objects go: anywhere (default), or centred in the "
+                            "token cells of the default model (32 px at the 256-px view)")
     synth.add_argument("--documents", default="reading", choices=("reading", "lookup"),
                        help="facts in pretrain.jsonl: in reading order (default), or each keyed by what a "
                             "question names, in random order")
@@ -93,6 +96,7 @@ def run_synth(args: argparse.Namespace) -> int:
         workers=_int(args.workers, "--workers", "a positive integer"),
         overwrite=args.overwrite,
         documents=args.documents,
+        layout=args.layout,
     )
     start = time.perf_counter()
     manifest = write_dataset(config, progress=not args.quiet)

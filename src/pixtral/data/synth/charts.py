@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
-from pixtral.data.synth.draw import TEXT, Canvas, sample_size
+from pixtral.data.synth.draw import CELL, TEXT, Canvas, sample_grid_size, sample_size
 from pixtral.data.synth.vocab import CHART_TITLES, COLOR_NAMES, COLORS, DIGITS, GREY, INK, LETTERS, WHITE
 
 CATEGORY = "charts"
@@ -37,8 +37,8 @@ MAX_RATIO = 1.6
 MAX_VALUE = max(DIGITS)
 
 
-def generate(rng: random.Random) -> Sample:
-    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO)
+def generate(rng: random.Random, grid: bool = False) -> Sample:
+    width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
     plan = choose_plan(rng, SINGLE, MULTI)
     kind = rng.choice(("bar", "line"))
     k = rng.randint(2, 5)
@@ -51,7 +51,7 @@ def generate(rng: random.Random) -> Sample:
     title = rng.choice(CHART_TITLES)
 
     canvas = Canvas(width, height)
-    _draw(canvas, kind, labels, values, COLORS[colour], title)
+    (_draw_grid if grid else _draw)(canvas, kind, labels, values, COLORS[colour], title)
 
     asked = iter(rng.sample(range(k), plan.count("value")))
     questions = QUESTIONS[kind]
@@ -108,3 +108,35 @@ def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, titl
         for x, y, v in zip(xs, ys, values):
             c.ellipse(x, y, 5, fill=fill)
             c.text(x, y - row / 2 - 2, str(v), box=WHITE)
+
+
+def _draw_grid(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:
+    """`_draw` on the token grid: the title in the top row of cells, the y axis at the right edge of
+    the first column, one bar or point per column of cells (spread over the rest), the labels in
+    the bottom row, and each value in the cell above its bar or point."""
+    cols, rows = round(c.w / CELL), round(c.h / CELL)
+    left, base, top_axis = CELL - 4, (rows - 1) * CELL, CELL
+    plot_top = 2 * CELL + 6  # the highest bar or point leaves the second row for its value
+    c.text(left - 2, CELL / 2, title, fill=INK, align="left")
+    c.line([(left, top_axis), (left, base), (c.w - 4, base)], fill=INK, width=2, joint="curve")
+    c.line([(left - 4, top_axis + 5), (left, top_axis), (left + 4, top_axis + 5)], fill=INK, width=2)
+
+    k, span = len(values), cols - 1
+    xs = [(1 + (2 * i + 1) * span // (2 * k) + 0.5) * CELL for i in range(k)]
+    ys = [base - (v / MAX_VALUE) * (base - plot_top) for v in values]
+    for x, label in zip(xs, labels):
+        c.text(x, base + CELL / 2, label)
+
+    if kind == "bar":
+        half = min(0.32 * span * CELL / k, 14)  # inside its column of cells
+        for x, y, v in zip(xs, ys, values):
+            c.rect(x - half, y, x + half, base, fill=fill)
+            c.text(x, (y // CELL - 0.5) * CELL, str(v))
+    else:
+        for x in xs:
+            c.line([(x, base - 3), (x, base + 3)], fill=GREY, width=2)
+        c.line(list(zip(xs, ys)), fill=fill, width=3, joint="curve")
+        for x, y, v in zip(xs, ys, values):
+            c.ellipse(x, y, 5, fill=fill)
+            c.text(x, ((y - 5) // CELL - 0.5) * CELL, str(v), box=WHITE)
+

@@ -13,7 +13,7 @@ import math
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
-from pixtral.data.synth.draw import Canvas, ink_for, sample_size
+from pixtral.data.synth.draw import Canvas, cell_centre, ink_for, sample_grid_size, sample_size
 from pixtral.data.synth.vocab import COLOR_NAMES, COLORS, INK, LETTERS, SHAPE_PLURALS, SHAPES
 
 CATEGORY = "diagrams"
@@ -31,8 +31,8 @@ MAX_RATIO = 1.3
 GAP = 3  # between a shape and an arrow end
 
 
-def generate(rng: random.Random) -> Sample:
-    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO)
+def generate(rng: random.Random, grid: bool = False) -> Sample:
+    width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
     plan = choose_plan(rng, SINGLE, MULTI)
     n = rng.randint(3, 4)
     if "count" in plan:
@@ -47,7 +47,7 @@ def generate(rng: random.Random) -> Sample:
     labels = rng.sample(LETTERS, n)
 
     canvas = Canvas(width, height)
-    centres, radius = _layout(canvas, rng, n)
+    centres, radius = _layout(canvas, rng, n, grid)
     arrows = _arrows(rng, centres, radius, rng.randint(1, 2))
     _draw(canvas, centres, radius, shapes, colours, labels, arrows)
 
@@ -79,12 +79,16 @@ def generate(rng: random.Random) -> Sample:
     return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
-def _layout(c: Canvas, rng: random.Random, n: int) -> tuple[list[tuple[float, float]], float]:
-    """Node centres (n of the four cells of a 2x2 grid, slightly jittered) and radius."""
+def _layout(c: Canvas, rng: random.Random, n: int, grid: bool = False) -> tuple[list[tuple[float, float]], float]:
+    """Node centres (n of the four cells of a 2x2 grid, slightly jittered) and radius. With `grid`,
+    each centre is the centre of a token cell, with no jitter, and the radius at most 28, so that
+    neighbours stay far enough apart for an arrow."""
     m = 4
     cw, ch = (c.w - 2 * m) / 2, (c.h - 2 * m) / 2
     cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], n)
     radius = min(36.0, (min(cw, ch) - 30) / 2.5)  # >= 25: a letter fits inside a star
+    if grid:
+        return [(cell_centre(m + cw * (col + 0.5)), cell_centre(m + ch * (row + 0.5))) for col, row in cells], min(radius, 28.0)
     # Jitter that keeps every arrow between neighbours at least 20 px long.
     jitter_x, jitter_y = (max(0.0, min(0.1 * size, (size - 2 * (1.25 * radius + GAP) - 20) / 2)) for size in (cw, ch))
     centres = [(m + cw * (col + 0.5) + rng.uniform(-jitter_x, jitter_x),

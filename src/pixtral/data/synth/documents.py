@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
-from pixtral.data.synth.draw import TEXT, TITLE, Canvas, sample_size
+from pixtral.data.synth.draw import CELL, TEXT, TITLE, Canvas, sample_grid_size, sample_size
 from pixtral.data.synth.vocab import DIGITS, FIELDS, GREY, INK, LIGHT_GREY, TITLES
 
 CATEGORY = "documents"
@@ -29,8 +29,8 @@ FIELD_ROW = TEXT + 12  # height of one "Word: n" line
 FILLER_ROW = 12  # height of one grey filler line
 
 
-def generate(rng: random.Random) -> Sample:
-    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO, portrait_bias=PORTRAIT_BIAS)
+def generate(rng: random.Random, grid: bool = False) -> Sample:
+    width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO, portrait_bias=PORTRAIT_BIAS)
     plan = choose_plan(rng, SINGLE, MULTI)
     title = rng.choice(TITLES)
     k = rng.randint(2, 4)
@@ -41,7 +41,7 @@ def generate(rng: random.Random) -> Sample:
         numbers = [rng.choice(DIGITS) for _ in range(k)]
 
     canvas = Canvas(width, height)
-    _draw(canvas, rng, title, words, numbers)
+    (_draw_grid if grid else _draw)(canvas, rng, title, words, numbers)
 
     asked = iter(rng.sample(range(k), plan.count("after") + plan.count("which")))
     turns = []
@@ -92,3 +92,35 @@ def _draw(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: 
         if word is not None:
             c.text(indent, y + FIELD_ROW / 2, f"{word}: {number}", align="left")
             y += FIELD_ROW
+
+
+def _draw_grid(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: list[int]) -> None:
+    """`_draw` on the token grid: the title in the top row of cells, then one row per field line
+    ("Word:" and its number in the next cell after the colon) or per pair of grey filler lines."""
+    m = 10
+    rows = round(c.h / CELL)
+    c.rect(3, 3, c.w - 3, c.h - 3, outline=LIGHT_GREY, width=2)
+    if rng.random() < 0.5:
+        c.text(m, CELL / 2, title, size=TITLE, align="left")
+    else:
+        c.text(c.w / 2, CELL / 2, title, size=TITLE)
+    c.line([(m, CELL), (c.w - m, CELL)], fill=INK, width=2)
+
+    # Field lines in order, with filler rows spread over the spare rows.
+    fillers = [0] * (len(words) + 1)
+    for _ in range(rows - 1 - len(words)):
+        if rng.random() < 0.7:
+            fillers[rng.randrange(len(fillers))] += 1
+    row = 1
+    indent = m + rng.choice((0, 4, 10))
+    for gap, word, number in zip(fillers, words + [None], numbers + [None]):
+        for _ in range(gap):
+            for y in (row * CELL + 8, row * CELL + 20):
+                length = rng.uniform(0.35, 1.0) * (c.w - 2 * m)
+                c.rect(m, y, m + length, y + 5, fill=GREY if rng.random() < 0.5 else LIGHT_GREY)
+            row += 1
+        if word is not None:
+            x0, _, x1, _ = c.text(indent, (row + 0.5) * CELL, f"{word}:", align="left")
+            c.text((x1 // CELL + 1.5) * CELL, (row + 0.5) * CELL, str(number))
+            row += 1
+

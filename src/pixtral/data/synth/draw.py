@@ -26,6 +26,14 @@ MAX_SIDE = 768
 TEXT = 22  # font size (view px) of labels, values and words: cap height 15 px
 TITLE = 26  # font size (view px) of titles
 
+# The token grid (layout="grid"): the default model merges its 16-px patches 2x2, so each of its
+# image tokens covers a CELL x CELL square of the view. A glyph drawn inside one cell is read from
+# one token; a glyph that straddles cells, at a different offset in every image, the model reads
+# far worse (scripts/aligned_glyph_grid_data.py: 96% of glyphs read after 2000 steps in cells,
+# 5% at loose positions). In grid layouts every image is a whole number of cells each way at VIEW,
+# and every label, value and object is centred in a cell (or a block of cells).
+CELL = 32
+
 Point = tuple[float, float]
 
 
@@ -69,6 +77,47 @@ def sample_size(
         if view_w >= min_view[0] and view_h >= min_view[1] and (fits is None or fits(view_w, view_h)):
             return width, height
     raise RuntimeError(f"no image size fits min_view={min_view}, max_ratio={max_ratio}")
+
+
+def sample_grid_size(
+    rng: random.Random,
+    min_view: tuple[float, float],
+    max_ratio: float,
+    portrait_bias: float = 0.0,
+    fits: Callable[[float, float], bool] | None = None,
+) -> tuple[int, int]:
+    """`sample_size` for grid layouts: seen at VIEW, the image is a whole number of CELLs each way.
+
+    The longest side is log-uniform up to MAX_SIDE as in `sample_size`. An image longer than VIEW
+    is seen VIEW long: its pixel size is the view size times a scale, with the longest side rounded
+    up and the other down, so that the model's resize (longest side to VIEW, each side up to whole
+    patches) lands exactly on the cells.
+    """
+    lo = max(MIN_SIDE, *min_view)
+    max_cells, min_cells = VIEW // CELL, MIN_SIDE // CELL
+    for _ in range(1000):
+        longest = math.exp(rng.uniform(math.log(lo), math.log(MAX_SIDE)))
+        log_ratio = rng.uniform(-math.log(max_ratio), math.log(max_ratio)) - portrait_bias
+        log_ratio = max(-math.log(max_ratio), min(math.log(max_ratio), log_ratio))
+        long_cells = max_cells if longest >= VIEW else max(min_cells, round(longest / CELL))
+        short_cells = max(min_cells, min(long_cells, round(long_cells / math.exp(abs(log_ratio)))))
+        cols, rows = (long_cells, short_cells) if log_ratio >= 0 else (short_cells, long_cells)
+        view_w, view_h = cols * CELL, rows * CELL
+        if view_w < min_view[0] or view_h < min_view[1] or (fits is not None and not fits(view_w, view_h)):
+            continue
+        scale = max(1.0, longest / VIEW)
+        if scale == 1.0:
+            return view_w, view_h
+        longer = math.ceil(VIEW * scale)
+        if view_w >= view_h:
+            return longer, min(longer, math.floor(view_h * scale))
+        return min(longer, math.floor(view_w * scale)), longer
+    raise RuntimeError(f"no grid image size fits min_view={min_view}, max_ratio={max_ratio}")
+
+
+def cell_centre(v: float) -> float:
+    """The centre of the grid cell (CELL view px) that holds `v`."""
+    return (math.floor(v / CELL) + 0.5) * CELL
 
 
 def ink_for(fill: tuple[int, int, int]) -> tuple[int, int, int]:

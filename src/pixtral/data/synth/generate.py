@@ -28,14 +28,22 @@ def sample_rng(seed: int, index: int, category: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:16], "big"))
 
 
-def generate_sample(seed: int, index: int = 0, category: str | None = None) -> Sample:
+LAYOUTS = ("free", "grid")
+
+
+def generate_sample(seed: int, index: int = 0, category: str | None = None, layout: str = "free") -> Sample:
     """Generate sample `index` of the data set with `seed`.
 
-    `category` defaults to the round-robin choice CATEGORIES[index % 5]. The same
-    arguments always give the same image (pixel for pixel) and the same turns.
+    `category` defaults to the round-robin choice CATEGORIES[index % 5]. `layout` "grid" puts
+    every label, value and object in the default model's token cells (`draw.CELL`); "free"
+    anywhere. The same arguments always give the same image (pixel for pixel) and the same turns.
     """
     if category is None:
         category = CATEGORIES[index % len(CATEGORIES)]
     if category not in GENERATORS:
         raise ValueError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
-    return GENERATORS[category](sample_rng(seed, index, category))
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "free":  # the original stream, unchanged
+        return GENERATORS[category](sample_rng(seed, index, category))
+    return GENERATORS[category](sample_rng(seed, index, f"{category}/{layout}"), grid=True)

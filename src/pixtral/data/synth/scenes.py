@@ -8,10 +8,11 @@ Templates (answers):
 
 from __future__ import annotations
 
+import math
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
-from pixtral.data.synth.draw import Canvas, sample_size
+from pixtral.data.synth.draw import CELL, Canvas, sample_grid_size, sample_size
 from pixtral.data.synth.vocab import BROWN, COLOR_NAMES, COLORS, OBJECT_PLURALS, OBJECTS, WHITE
 
 CATEGORY = "misc"
@@ -28,19 +29,23 @@ MIN_CELLS = 9  # the most objects a scene holds
 MIN_CELL = 30  # view px per object (a 64 x 150 image holds a 5 x 2 grid)
 
 
-def _grid(w: float, h: float) -> tuple[int, int, float]:
-    """(cols, rows, cell) with at least MIN_CELLS cells and the largest square cell."""
+def _grid(w: float, h: float, tokens: bool = False) -> tuple[int, int, float]:
+    """(cols, rows, cell) with at least MIN_CELLS cells and the largest square cell; with `tokens`,
+    the largest that is a whole number of token cells (CELL view px) wide."""
     best = (0, 0, 0.0)
     for cols in range(1, MIN_CELLS + 1):
         rows = -(-MIN_CELLS // cols)
         cell = min(w / cols, h / rows)
+        if tokens:
+            cell = math.floor(cell / CELL + 1e-6) * CELL  # + 1e-6: a scaled image is a hair short
         if cell > best[2]:
             best = (cols, rows, cell)
     return best
 
 
-def generate(rng: random.Random) -> Sample:
-    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO, fits=lambda w, h: _grid(w, h)[2] >= MIN_CELL)
+def generate(rng: random.Random, grid: bool = False) -> Sample:
+    width, height = (sample_grid_size if grid else sample_size)(
+        rng, MIN_VIEW, MAX_RATIO, fits=lambda w, h: _grid(w, h, grid)[2] >= MIN_CELL)
     plan = choose_plan(rng, SINGLE, MULTI)
     objects: list[tuple[str, str]] = []  # (kind, colour)
     turns = []
@@ -66,12 +71,14 @@ def generate(rng: random.Random) -> Sample:
         objects += [(rng.choice(free), rng.choice(COLOR_NAMES)) for _ in range(extra)]
 
     canvas = Canvas(width, height)
-    cols, rows, cell = _grid(canvas.w, canvas.h)
+    cols, rows, cell = _grid(canvas.w, canvas.h, grid)
     x0, y0 = (canvas.w - cols * cell) / 2, (canvas.h - rows * cell) / 2
+    if grid:  # each object centred in its block of token cells
+        x0, y0 = math.floor(x0 / CELL + 1e-6) * CELL, math.floor(y0 / CELL + 1e-6) * CELL
     places = rng.sample(range(cols * rows), len(objects))
     for (kind, colour), place in zip(objects, places):
         size = cell * rng.uniform(0.76, 0.9)
-        slack = (cell - size) / 2
+        slack = 0.0 if grid else (cell - size) / 2
         cx = x0 + cell * (place % cols + 0.5) + rng.uniform(-slack, slack)
         cy = y0 + cell * (place // cols + 0.5) + rng.uniform(-slack, slack)
         _draw_object(canvas, kind, cx, cy, size, COLORS[colour])

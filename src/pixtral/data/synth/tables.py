@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from pixtral.data.synth.base import Sample, Turn, choose_plan, shuffled
-from pixtral.data.synth.draw import Canvas, sample_size
+from pixtral.data.synth.draw import CELL, Canvas, sample_grid_size, sample_size
 from pixtral.data.synth.vocab import DIGITS, INK, ITEMS, LETTERS
 
 CATEGORY = "tables"
@@ -27,8 +27,8 @@ MAX_RATIO = 1.6
 HEADER_FILLS = ((215, 215, 215), (200, 225, 250), (255, 230, 180))
 
 
-def generate(rng: random.Random) -> Sample:
-    width, height = sample_size(rng, MIN_VIEW, MAX_RATIO)
+def generate(rng: random.Random, grid: bool = False) -> Sample:
+    width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
     plan = choose_plan(rng, SINGLE, MULTI)
     n_rows, n_cols = rng.randint(2, 4), rng.randint(2, 3)
     items = rng.sample(ITEMS, n_rows)
@@ -42,7 +42,7 @@ def generate(rng: random.Random) -> Sample:
     header_fill = rng.choice(HEADER_FILLS)
 
     canvas = Canvas(width, height)
-    _draw(canvas, items, columns, values, header_fill)
+    _draw(canvas, items, columns, values, header_fill, grid)
 
     # Cells asked about: never in the column whose largest value was asked (that answer
     # would hint at the cell's value), never the same cell twice.
@@ -69,15 +69,22 @@ def generate(rng: random.Random) -> Sample:
     return Sample(CATEGORY, canvas.image, turns, description, lookup)
 
 
-def _draw(c: Canvas, items: list[str], columns: list[str], values: list[list[int]], header_fill) -> None:
+def _draw(c: Canvas, items: list[str], columns: list[str], values: list[list[int]], header_fill,
+          grid: bool = False) -> None:
+    """The table centred on the canvas; with `grid`, on the token grid: every cell one CELL square
+    (the item column whole cells wide) and the table's corner on a cell corner."""
     m = 8
     n_rows, n_cols = len(items), len(columns)
     head_w = max(c.text_width(item) for item in items) + 14
     avail_w, avail_h = c.w - 2 * m, c.h - 2 * m
     row_h = min(avail_h / (n_rows + 1), 44.0)
     col_w = min((avail_w - head_w) / n_cols, 64.0)
+    if grid:
+        head_w, row_h, col_w = -(-head_w // CELL) * CELL, CELL, CELL
     table_w, table_h = head_w + n_cols * col_w, row_h * (n_rows + 1)
     x0, y0 = (c.w - table_w) / 2, (c.h - table_h) / 2
+    if grid:
+        x0, y0 = round(x0 / CELL) * CELL, round(y0 / CELL) * CELL
     xs = [x0, x0 + head_w] + [x0 + head_w + col_w * (j + 1) for j in range(n_cols)]
     ys = [y0 + row_h * i for i in range(n_rows + 2)]
 

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from pixtral.data.synth.base import Turn
 from pixtral.data.synth.draw import MAX_SIDE, MIN_SIDE, VIEW
-from pixtral.data.synth.generate import CATEGORIES, GENERATOR_VERSION, generate_sample
+from pixtral.data.synth.generate import CATEGORIES, GENERATOR_VERSION, LAYOUTS, generate_sample
 from pixtral.errors import PixtralError
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +56,7 @@ class SynthConfig:
     overwrite: bool = False
     compress_level: int = 1  # PNG zlib level: 1 is fast, files are mostly white anyway
     documents: str = "reading"  # the text of pretrain.jsonl: one of DOCUMENT_ORDERS
+    layout: str = "free"  # "grid": labels, values and objects in the default model's token cells
 
 
 def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
@@ -118,6 +119,8 @@ def check_config(config: SynthConfig) -> None:
         raise PixtralError(f"--categories lists a category twice: {','.join(config.categories)}")
     if not isinstance(config.workers, int) or not 1 <= config.workers <= MAX_WORKERS:
         raise PixtralError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {config.workers!r}")
+    if config.layout not in LAYOUTS:
+        raise PixtralError(f"--layout must be one of {', '.join(LAYOUTS)}, got {config.layout!r}")
     if config.documents not in DOCUMENT_ORDERS:
         raise PixtralError(f"--documents must be one of {', '.join(DOCUMENT_ORDERS)}, got {config.documents!r}")
     if not 0 <= config.compress_level <= 9:
@@ -164,10 +167,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _make(job: tuple[int, int, str, str, int, str]) -> tuple[list[Turn], str, str]:
+def _make(job: tuple[int, int, str, str, int, str, str]) -> tuple[list[Turn], str, str]:
     """Generate one sample and write its image atomically; runs in worker processes."""
-    seed, index, category, image_path, compress_level, documents = job
-    sample = generate_sample(seed, index, category)
+    seed, index, category, image_path, compress_level, documents, layout = job
+    sample = generate_sample(seed, index, category, layout)
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG", compress_level=compress_level)
     _write_atomic(Path(image_path), buf.getvalue())
@@ -186,7 +189,7 @@ def _jobs(config: SynthConfig, images: Path, counts: dict[str, int]) -> Iterator
         for j in range(counts[split]):
             category = config.categories[j % len(config.categories)]
             yield split, j, index, (config.seed, index, category, str(images / f"{index:0{digits}d}.png"),
-                                    config.compress_level, config.documents)
+                                    config.compress_level, config.documents, config.layout)
             index += 1
 
 
@@ -253,6 +256,7 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
         "seed": config.seed,
         "n": config.n,
         "categories": list(config.categories),
+        "layout": config.layout,
         "fractions": {"val": config.val_frac, "test": config.test_frac},
         "image_dir": IMAGE_DIR,
         "image_sides": [MIN_SIDE, MAX_SIDE],
