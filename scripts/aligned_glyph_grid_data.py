@@ -13,9 +13,11 @@ tells whether the split glyphs are what the model fails to read.
 from __future__ import annotations
 
 import random
+from functools import partial
 
+from glyph_grid_data import grid_document  # this folder: the drills share glyphs, text and command line
 from pixtral.data.synth.draw import Canvas
-from single_glyph_data import GLYPHS, write_documents  # this folder: the drills share glyphs and command line
+from single_glyph_data import GLYPHS, write_documents
 
 TOKEN = 32  # image px per image token, and the image is not rescaled (both sides <= 256 px)
 
@@ -36,10 +38,5 @@ def aligned_grid(rng: random.Random) -> tuple[Canvas, list[list[str]]]:
     return canvas, glyph_rows
 
 
-def aligned_grid_document(rng: random.Random) -> tuple[Canvas, str]:
-    canvas, rows = aligned_grid(rng)
-    return canvas, " ".join(" ".join(row) + "." for row in rows) if rows else "Blank."
-
-
 if __name__ == "__main__":
-    write_documents(aligned_grid_document, "aligned", __doc__.splitlines()[0])
+    write_documents(partial(grid_document, grid=aligned_grid), "aligned", __doc__.splitlines()[0])

@@ -40,8 +40,9 @@ def glyph_grid(rng: random.Random) -> tuple[Canvas, list[list[str]]]:
     return canvas, glyph_rows
 
 
-def grid_document(rng: random.Random) -> tuple[Canvas, str]:
-    canvas, rows = glyph_grid(rng)
+def grid_document(rng: random.Random, grid=glyph_grid) -> tuple[Canvas, str]:
+    """A page from `grid` (glyph_grid, or another with its signature) and its rows as text."""
+    canvas, rows = grid(rng)
     return canvas, " ".join(" ".join(row) + "." for row in rows) if rows else "Blank."
 
 

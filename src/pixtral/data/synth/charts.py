@@ -96,18 +96,25 @@ def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, titl
     for x, label in zip(xs, labels):
         c.text(x, base + row / 2 + 1, label)
 
+    value_y = (lambda y: y - row / 2) if kind == "bar" else (lambda y: y - row / 2 - 2)
+    _marks(c, kind, xs, ys, values, fill, base, min(0.32 * slot, 24), value_y)
+
+
+def _marks(c: Canvas, kind: str, xs: list[float], ys: list[float], values: list[int], fill, base: float,
+           half: float, value_y) -> None:
+    """Bars of half-width `half` down to `base` (or a line through points with ticks on the axis),
+    each value printed centred on (x, value_y(y))."""
     if kind == "bar":
-        half = min(0.32 * slot, 24)
         for x, y, v in zip(xs, ys, values):
             c.rect(x - half, y, x + half, base, fill=fill)
-            c.text(x, y - row / 2, str(v))
+            c.text(x, value_y(y), str(v))
     else:
         for x in xs:
             c.line([(x, base - 3), (x, base + 3)], fill=GREY, width=2)
         c.line(list(zip(xs, ys)), fill=fill, width=3, joint="curve")
         for x, y, v in zip(xs, ys, values):
             c.ellipse(x, y, 5, fill=fill)
-            c.text(x, y - row / 2 - 2, str(v), box=WHITE)
+            c.text(x, value_y(y), str(v), box=WHITE)
 
 
 def _draw_grid(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:
@@ -127,16 +134,8 @@ def _draw_grid(c: Canvas, kind: str, labels: list[str], values: list[int], fill,
     for x, label in zip(xs, labels):
         c.text(x, base + CELL / 2, label)
 
-    if kind == "bar":
-        half = min(0.32 * span * CELL / k, 14)  # inside its column of cells
-        for x, y, v in zip(xs, ys, values):
-            c.rect(x - half, y, x + half, base, fill=fill)
-            c.text(x, (y // CELL - 0.5) * CELL, str(v))
-    else:
-        for x in xs:
-            c.line([(x, base - 3), (x, base + 3)], fill=GREY, width=2)
-        c.line(list(zip(xs, ys)), fill=fill, width=3, joint="curve")
-        for x, y, v in zip(xs, ys, values):
-            c.ellipse(x, y, 5, fill=fill)
-            c.text(x, ((y - 5) // CELL - 0.5) * CELL, str(v), box=WHITE)
+    # Each value in the cell above the one holding the top of its bar (or of its point, radius 5).
+    top = 0 if kind == "bar" else 5
+    half = min(0.32 * span * CELL / k, 14)  # inside its column of cells
+    _marks(c, kind, xs, ys, values, fill, base, half, lambda y: ((y - top) // CELL - 0.5) * CELL)
 

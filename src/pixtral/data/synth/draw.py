@@ -46,6 +46,14 @@ def font(px: int) -> ImageFont.FreeTypeFont:
     return loaded
 
 
+def _longest_and_log_ratio(rng: random.Random, lo: float, max_ratio: float, portrait_bias: float) -> tuple[float, float]:
+    """A longest side log-uniform in lo..MAX_SIDE px, and log(width / height) uniform within
+    +-log(max_ratio), shifted by -portrait_bias and clipped back into that range."""
+    longest = math.exp(rng.uniform(math.log(lo), math.log(MAX_SIDE)))
+    log_ratio = rng.uniform(-math.log(max_ratio), math.log(max_ratio)) - portrait_bias
+    return longest, max(-math.log(max_ratio), min(math.log(max_ratio), log_ratio))
+
+
 def sample_size(
     rng: random.Random,
     min_view: tuple[float, float],
@@ -63,9 +71,8 @@ def sample_size(
     """
     lo = max(MIN_SIDE, *min_view)
     for _ in range(1000):
-        longest = math.exp(rng.uniform(math.log(lo), math.log(MAX_SIDE)))
-        log_ratio = rng.uniform(-math.log(max_ratio), math.log(max_ratio)) - portrait_bias
-        ratio = math.exp(max(-math.log(max_ratio), min(math.log(max_ratio), log_ratio)))
+        longest, log_ratio = _longest_and_log_ratio(rng, lo, max_ratio, portrait_bias)
+        ratio = math.exp(log_ratio)
         if ratio >= 1:
             width, height = round(longest), round(longest / ratio)
         else:
@@ -96,9 +103,7 @@ def sample_grid_size(
     lo = max(MIN_SIDE, *min_view)
     max_cells, min_cells = VIEW // CELL, MIN_SIDE // CELL
     for _ in range(1000):
-        longest = math.exp(rng.uniform(math.log(lo), math.log(MAX_SIDE)))
-        log_ratio = rng.uniform(-math.log(max_ratio), math.log(max_ratio)) - portrait_bias
-        log_ratio = max(-math.log(max_ratio), min(math.log(max_ratio), log_ratio))
+        longest, log_ratio = _longest_and_log_ratio(rng, lo, max_ratio, portrait_bias)
         long_cells = max_cells if longest >= VIEW else max(min_cells, round(longest / CELL))
         short_cells = max(min_cells, min(long_cells, round(long_cells / math.exp(abs(log_ratio)))))
         cols, rows = (long_cells, short_cells) if log_ratio >= 0 else (short_cells, long_cells)
