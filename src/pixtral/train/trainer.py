@@ -79,7 +79,8 @@ def model_args_from(cfg: TrainConfig) -> ModelArgs:
     return args
 
 
-def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encoder: bool = False) -> None:
+def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encoder: bool = False,
+                 local_encoder: bool = False) -> None:
     """GPT-style init for training from scratch: N(0, 0.02), residual outputs scaled by depth.
 
     With `blank_patch_init`, each patch-embedding filter then loses its component along a blank
@@ -105,6 +106,8 @@ def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encod
         remove_blank_patch_component(model.vision_encoder.patch_conv.weight)
     if centering_encoder and model.args.vision is not None:
         init_centering_encoder(model.vision_encoder)
+    if local_encoder and model.args.vision is not None:
+        init_local_encoder(model.vision_encoder)
 
 
 @torch.no_grad()
@@ -130,6 +133,23 @@ def init_centering_encoder(encoder) -> None:
 
 
 @torch.no_grad()
+def init_local_encoder(encoder) -> None:
+    """Start every residual branch of the vision transformer at zero: each patch token leaves it as
+    `ln_pre(patch_conv(patch))`, a function of its own 16x16 pixels only.
+
+    The centering start subtracts the image's mean token, and that mean moves with whatever else is
+    drawn: a glyph on a page with a large coloured bar embeds differently from the same glyph on a
+    white page. Here a glyph embeds the same in every image, wherever it is, and every white patch
+    to one shared vector. Not with `blank_patch_init` (the config refuses it): a white patch would
+    embed to rounding noise that `ln_pre` scales to full size, a different vector in bf16 than in
+    float32.
+    """
+    for block in encoder.transformer.layers:
+        block.attention.wo.weight.zero_()
+        block.feed_forward.w2.weight.zero_()
+
+
+@torch.no_grad()
 def remove_blank_patch_component(weight: torch.Tensor) -> None:
     """Patch filters [D, C, p, p] made orthogonal to a white patch in normalised pixel space."""
     from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
@@ -152,7 +172,8 @@ def build_model(cfg: TrainConfig, out: Path, main: bool):
     if init.startswith("preset:"):
         args = model_args_from(cfg)
         model = Pixtral(args)
-        init_weights(model, cfg.model.blank_patch_init, cfg.model.centering_encoder_init)
+        init_weights(model, cfg.model.blank_patch_init, cfg.model.centering_encoder_init,
+                     cfg.model.local_encoder_init)
         tok = out / "tekken.json"
         if cfg.model.tokenizer:
             tok = Path(cfg.model.tokenizer)
