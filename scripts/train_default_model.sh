@@ -14,8 +14,8 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 PIXTRAL="$PY -m pixtral.cli.main"
 
-if [[ ! -f runs/synth_grid/manifest.json || ! -f runs/synth_grid/pretrain.jsonl ]]; then
-  $PIXTRAL data synth --out runs/synth_grid --n 60000 --seed 1 --workers 2 --layout grid --documents lookup --overwrite
+if [[ ! -f runs/synth_grid_reading/manifest.json || ! -f runs/synth_grid_reading/pretrain.jsonl ]]; then
+  $PIXTRAL data synth --out runs/synth_grid_reading --n 60000 --seed 1 --workers 2 --layout grid --overwrite
 fi
 # RESUME=1 continues an interrupted run (`pixtral train --resume`).
 run=runs/default_model
@@ -34,7 +34,7 @@ du -ch "$dst"/* | tail -1
 
 if [[ ! -f runs/synth_grid_heldout/manifest.json ]]; then
   $PIXTRAL data synth --out runs/synth_grid_heldout --n 1700 --seed 3 --val-frac 0 --test-frac 0.6 \
-    --layout grid --documents lookup --overwrite
+    --layout grid --overwrite
 fi
 for variant in "" "--blank-images"; do
   $PIXTRAL eval synth --data runs/synth_grid_heldout --output-dir "runs/eval_default_model${variant:+_blank}" \
