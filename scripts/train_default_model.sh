@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model end to end (about 50 minutes on a 2-core Zen 4 CPU):
+# Reproduce the embedded default model end to end (about 80 minutes on a 2-core Zen 4 CPU):
 #   1. synthetic data (seed 1) on the token grid: chat conversations and pre-training documents,
 #   2. train from scratch: configs/default_model.yaml,
 #   3. install the weights into src/pixtral/assets/default_model/,
@@ -14,8 +14,8 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 PIXTRAL="$PY -m pixtral.cli.main"
 
-if [[ ! -f runs/synth_grid_reading/manifest.json || ! -f runs/synth_grid_reading/pretrain.jsonl ]]; then
-  $PIXTRAL data synth --out runs/synth_grid_reading --n 60000 --seed 1 --workers 2 --layout grid --overwrite
+if [[ ! -f runs/synth_grid/manifest.json || ! -f runs/synth_grid/pretrain.jsonl ]]; then
+  $PIXTRAL data synth --out runs/synth_grid --n 60000 --seed 1 --workers 2 --layout grid --documents lookup --overwrite
 fi
 # RESUME=1 continues an interrupted run (`pixtral train --resume`).
 run=runs/default_model
@@ -34,7 +34,7 @@ du -ch "$dst"/* | tail -1
 
 if [[ ! -f runs/synth_grid_heldout/manifest.json ]]; then
   $PIXTRAL data synth --out runs/synth_grid_heldout --n 1700 --seed 3 --val-frac 0 --test-frac 0.6 \
-    --layout grid --overwrite
+    --layout grid --documents lookup --overwrite
 fi
 for variant in "" "--blank-images"; do
   $PIXTRAL eval synth --data runs/synth_grid_heldout --output-dir "runs/eval_default_model${variant:+_blank}" \

@@ -24,10 +24,11 @@ def test_default_model_runs_in_transformers_with_our_logits(tmp_path):
     processor = load_processor(hf_dir)  # the converted folder carries the tokenizer too
     ids, images = processor.encode_chat([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": str(REPO / "examples" / "table.png")}},
-        {"type": "text", "text": "Which item has the largest value in column H?"}]}])
+        {"type": "text", "text": "What is the value for Tea in column D?"}]}])
     with torch.no_grad():
         expected = ours(torch.tensor(ids), images)
         got = hf(input_ids=torch.tensor([ids]), pixel_values=images[0][None],
                  image_sizes=torch.tensor([list(images[0].shape[1:])])).logits[0]
     assert expected.abs().max() > 1.0  # real logits, not a degenerate output
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    # float32 in both, different operation order: agreement to 1e-4 of the logits' size
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

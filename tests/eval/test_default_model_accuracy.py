@@ -29,7 +29,8 @@ def readme_table() -> dict[str, tuple[int, float, float]]:
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     out = tmp_path_factory.mktemp("heldout") / "synth_heldout"
-    write_dataset(SynthConfig(out=out, n=1700, seed=3, val_frac=0.0, test_frac=0.6, layout="grid"), progress=False)
+    write_dataset(SynthConfig(out=out, n=1700, seed=3, val_frac=0.0, test_frac=0.6, layout="grid",
+                              documents="lookup"), progress=False)
     return out
 
 
