@@ -121,9 +121,7 @@ def init_centering_encoder(encoder) -> None:
     On a page that is mostly background, the background then embeds near zero and what is drawn
     stands out, instead of every token carrying one large shared vector.
     """
-    for block in encoder.transformer.layers:
-        block.attention.wo.weight.zero_()
-        block.feed_forward.w2.weight.zero_()
+    init_local_encoder(encoder)  # every residual branch at zero, then the first attention averages
     first = encoder.transformer.layers[0].attention
     eye = torch.eye(first.wv.weight.shape[0], dtype=first.wv.weight.dtype)
     first.wq.weight.zero_()
