@@ -168,8 +168,29 @@ def test_lookup_documents_change_only_the_document_text(tmp_path, dataset):
     for doc in _lines(lookup / "pretrain.jsonl"):
         index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
         assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).lookup
-    with pytest.raises(PixtralError, match="--documents must be one of reading, lookup"):
+    with pytest.raises(PixtralError, match="--documents must be one of reading, lookup, both"):
         _write(tmp_path / "bad", n=5, seed=3, documents="shuffled")
+
+
+def test_both_documents_write_each_order_about_the_same_images(tmp_path, dataset):
+    out, _ = dataset
+    lookup = tmp_path / "lookup"
+    _write(lookup, n=60, seed=3, documents="lookup")
+    both = tmp_path / "both"
+    manifest = _write(both, n=60, seed=3, documents="both")
+    assert manifest["pretrain"]["order"] == "reading" and manifest["pretrain_lookup"] == {
+        "file": "pretrain_lookup.jsonl", "count": manifest["splits"]["train"]["count"], "format": "document",
+        "order": "lookup"}
+    reading_files, lookup_files, both_files = _files(out), _files(lookup), _files(both)
+    assert both_files["pretrain.jsonl"] == reading_files["pretrain.jsonl"]
+    assert both_files["pretrain_lookup.jsonl"] == lookup_files["pretrain.jsonl"]
+    assert reading_files["pretrain.jsonl"] != lookup_files["pretrain.jsonl"]
+    shared = set(reading_files) - {"pretrain.jsonl", "manifest.json"}
+    assert set(both_files) - {"pretrain.jsonl", "pretrain_lookup.jsonl", "manifest.json"} == shared
+    assert all(both_files[k] == reading_files[k] for k in shared)
+    # --overwrite with one order removes the other order's file: nothing stale looks current.
+    _write(both, n=60, seed=3, documents="lookup", overwrite=True)
+    assert not (both / "pretrain_lookup.jsonl").exists()
 
 
 def test_pretrain_documents_load_as_training_documents(dataset):

@@ -45,9 +45,10 @@ def register(subparsers) -> None:
     synth.add_argument("--layout", default="free", choices=("free", "grid"),
                        help="where labels, values and objects go: anywhere (default), or centred in the "
                             "token cells of the default model (32 px at the 256-px view)")
-    synth.add_argument("--documents", default="reading", choices=("reading", "lookup"),
+    synth.add_argument("--documents", default="reading", choices=("reading", "lookup", "both"),
                        help="facts in pretrain.jsonl: in reading order (default), or each keyed by what a "
-                            "question names, in random order")
+                            "question names, in random order; both: reading order in pretrain.jsonl and "
+                            "lookup order in pretrain_lookup.jsonl")
     synth.add_argument("--overwrite", action="store_true",
                        help="replace a previous `pixtral data synth` output in DIR")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,7 +6,9 @@ label, value and object in it), in the trainer's document format; the paper pre-
 documents before instruction tuning, and here they supervise every fact of an image at once
 where a question supervises one. `documents="reading"` lists the facts in reading order
 (`Sample.description`), `"lookup"` keyed by what a question would name and in random order
-(`Sample.lookup`).
+(`Sample.lookup`). `"both"` writes the reading-order documents to `pretrain.jsonl` and the lookup
+ones about the same images to `pretrain_lookup.jsonl`: one set of images for a recipe that trains
+on both (or on one, then the other).
 
 Every file is written to a temporary name and renamed into place, the JSONL files only
 after all their images exist and the manifest last: an interrupted run leaves no JSONL
@@ -35,12 +37,13 @@ from pixtral.errors import PixtralError
 
 SPLITS = ("train", "val", "test")
 PRETRAIN = "pretrain"  # documents about the train split's images only
-OUTPUTS = (*SPLITS, PRETRAIN)
+PRETRAIN_LOOKUP = "pretrain_lookup"  # with documents="both": the lookup-order documents
+OUTPUTS = (*SPLITS, PRETRAIN, PRETRAIN_LOOKUP)
 IMAGE_DIR = "images"
 MANIFEST = "manifest.json"
 MAX_N = 10_000_000
 MAX_WORKERS = 64
-DOCUMENT_ORDERS = ("reading", "lookup")
+DOCUMENT_ORDERS = ("reading", "lookup", "both")
 _OUR_IMAGE = re.compile(r"^\d{6,}\.png$")
 
 
@@ -55,7 +58,7 @@ class SynthConfig:
     workers: int = 1
     overwrite: bool = False
     compress_level: int = 1  # PNG zlib level: 1 is fast, files are mostly white anyway
-    documents: str = "reading"  # the text of pretrain.jsonl: one of DOCUMENT_ORDERS
+    documents: str = "reading"  # the text of pretrain.jsonl (and pretrain_lookup.jsonl): one of DOCUMENT_ORDERS
     layout: str = "free"  # "grid": labels, values and objects in the default model's token cells
 
 
@@ -167,14 +170,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _make(job: tuple[int, int, str, str, int, str, str]) -> tuple[list[Turn], str, str]:
-    """Generate one sample and write its image atomically; runs in worker processes."""
+def _document_files(documents: str) -> dict[str, str]:
+    """{output name: document order} for a `documents` setting."""
+    if documents == "both":
+        return {PRETRAIN: "reading", PRETRAIN_LOOKUP: "lookup"}
+    return {PRETRAIN: documents}
+
+
+def _make(job: tuple[int, int, str, str, int, str, str]) -> tuple[list[Turn], str, dict[str, str]]:
+    """Generate one sample and write its image atomically; runs in worker processes.
+
+    Returns its turns, category and {document output name: the document's text}."""
     seed, index, category, image_path, compress_level, documents, layout = job
     sample = generate_sample(seed, index, category, layout)
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG", compress_level=compress_level)
     _write_atomic(Path(image_path), buf.getvalue())
-    return sample.turns, sample.category, sample.lookup if documents == "lookup" else sample.description
+    texts = {"reading": sample.description, "lookup": sample.lookup}
+    return sample.turns, sample.category, {name: texts[order] for name, order in _document_files(documents).items()}
 
 
 def _ignore_sigint() -> None:
@@ -207,8 +220,9 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
     per_template: dict[str, Counter] = {s: Counter() for s in SPLITS}
     turns_total = {s: 0 for s in SPLITS}
 
-    tmp_paths = {s: out / f".{s}.jsonl.tmp" for s in OUTPUTS}
-    files = {s: open(tmp_paths[s], "w", encoding="utf-8", newline="\n") for s in OUTPUTS}
+    outputs = (*SPLITS, *_document_files(config.documents))
+    tmp_paths = {s: out / f".{s}.jsonl.tmp" for s in outputs}
+    files = {s: open(tmp_paths[s], "w", encoding="utf-8", newline="\n") for s in outputs}
     pool = None
     try:
         payloads = [job[3] for job in jobs]
@@ -223,23 +237,24 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
             record = conversation(f"{split}-{j}", category, turns, url)
             files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
             if split == "train":
-                doc = document(f"{split}-{j}", category, facts, url)
-                files[PRETRAIN].write(json.dumps(doc, ensure_ascii=False) + "\n")
+                for name, text in facts.items():
+                    doc = document(f"{split}-{j}", category, text, url)
+                    files[name].write(json.dumps(doc, ensure_ascii=False) + "\n")
             per_split[split][category] += 1
             per_template[split].update(t.template for t in turns)
             turns_total[split] += len(turns)
             bar.update(1)
         bar.close()
-        for s in OUTPUTS:
+        for s in outputs:
             files[s].close()
-        for s in OUTPUTS:
+        for s in outputs:
             os.replace(tmp_paths[s], out / f"{s}.jsonl")
     except BaseException:
         if pool is not None:
             pool.terminate()
             pool.join()
             pool = None
-        for s in OUTPUTS:
+        for s in outputs:
             files[s].close()
             tmp_paths[s].unlink(missing_ok=True)
         for tmp in images.glob(".*.tmp"):  # an image cut off while being written
@@ -271,9 +286,9 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
             }
             for s in SPLITS
         },
-        "pretrain": {"file": f"{PRETRAIN}.jsonl", "count": counts["train"], "format": "document",
-                     "order": config.documents},
     }
+    for name, order in _document_files(config.documents).items():
+        manifest[name] = {"file": f"{name}.jsonl", "count": counts["train"], "format": "document", "order": order}
     _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
