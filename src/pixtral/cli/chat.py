@@ -14,7 +14,7 @@ Without one, starts an interactive chat: type a message and press Enter; '/image
 an image to your next message, '/reset' starts over, '/quit' (or Ctrl-D) leaves.
 
 examples:
-  pixtral chat --image examples/chart.png "Which bar is the tallest?"
+  pixtral chat --image examples/chart.png "What is the value of bar G?"
   pixtral chat --model ~/models/Pixtral-12B-2409 --image photo.jpg
 """
 
