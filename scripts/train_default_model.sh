@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model end to end (about 2 hours on a quiet 2-core Zen 4 CPU):
+# Reproduce the embedded default model end to end (about 2 h 20 min on a quiet 2-core Zen 4 CPU):
 #   1. synthetic data (seed 1) on the token grid: chat conversations, and reading-order and lookup
 #      documents about the same training images (`--documents both`),
 #   2. stage 1, from scratch, learns to read: configs/default_model_stage1.yaml (12000 steps),
-#   3. stage 2, from stage 1, learns to answer: configs/default_model.yaml (24000 steps),
-#   4. install the weights into src/pixtral/assets/default_model/,
-#   5. evaluate with `pixtral eval synth` on held-out data from seed 3 (never used in training),
+#   3. stage 2, from stage 1, learns to answer: configs/default_model_stage2.yaml (24000 steps),
+#   4. stage 3, from stage 2, trains on: configs/default_model_stage3.yaml (7000 steps),
+#   5. install the weights into src/pixtral/assets/default_model/,
+#   6. evaluate with `pixtral eval synth` on held-out data from seed 3 (never used in training),
 #      with real and with blank images.
 # Set RESUME=1 to continue an interrupted stage (`pixtral train --resume`).
 set -euo pipefail
@@ -33,11 +34,12 @@ train_stage() {  # config, run directory
   fi
 }
 train_stage configs/default_model_stage1.yaml runs/default_model_stage1
-train_stage configs/default_model.yaml runs/default_model
+train_stage configs/default_model_stage2.yaml runs/default_model_stage2
+train_stage configs/default_model_stage3.yaml runs/default_model_stage3
 
 dst=src/pixtral/assets/default_model
 mkdir -p "$dst"
-cp runs/default_model/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
+cp runs/default_model_stage3/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
 du -ch "$dst"/* | tail -1
 
 if [[ ! -f runs/synth_grid_heldout/manifest.json || ! -f runs/synth_grid_heldout/pretrain_lookup.jsonl ]]; then

@@ -482,3 +482,52 @@ def test_layout_option_is_written_to_the_manifest(tmp_path):
     assert manifest["layout"] == "grid"
     with pytest.raises(PixtralError, match="--layout must be one of free, grid"):
         _write(tmp_path / "bad", n=5, seed=2, layout="tiles")
+
+
+# -- questions="all": training conversations with every template -------------------------
+
+EVERY_TEMPLATE = {
+    "charts": Counter({"tallest": 1, "shortest": 1, "value": 2, "count": 1}),
+    "tables": Counter({"largest": 1, "cell": 2, "rows": 1}),
+    "documents": Counter({"title": 1, "after": 1, "which": 1}),
+    "diagrams": Counter({"count": 1, "colour": 2, "shape": 2, "arrow": 1}),
+}
+
+
+def test_all_questions_ask_every_template_in_varied_order_about_new_images():
+    orders = defaultdict(set)
+    scene_plans = Counter()
+    for i in range(200):
+        sample = generate_sample(2, i, layout="grid", questions="all")
+        asked = Counter(t.template.split(".")[1] for t in sample.turns)
+        if sample.category == "misc":
+            scene_plans[tuple(sorted(asked.elements()))] += 1
+        else:
+            assert asked == EVERY_TEMPLATE[sample.category], (sample.category, asked)
+            orders[sample.category].add(tuple(t.template for t in sample.turns))
+        questions = [t.question for t in sample.turns]
+        assert len(set(questions)) == len(questions)  # never the same question twice
+        for turn in sample.turns:  # and every answer is still right: stated in the description
+            if turn.template not in NOT_STATED:
+                assert _stated(sample.description, turn.template, turn.question, turn.answer), (sample.description, turn)
+        # Its own random stream: a new image, not the "some" sample with more questions.
+        assert sample.image.tobytes() != generate_sample(2, i, layout="grid").image.tobytes()
+    assert all(len(o) > 5 for o in orders.values()) and len(orders) == 4  # shuffled, not a fixed order
+    assert set(scene_plans) == {("colour", "colour", "count"), ("colour_count",)}
+    assert min(scene_plans.values()) > 10
+    with pytest.raises(ValueError, match="unknown question set 'many'"):
+        generate_sample(2, 0, questions="many")
+
+
+def test_questions_option_is_written_to_the_manifest_and_checked(tmp_path, capsys):
+    out = tmp_path / "all"
+    rc = main(["data", "synth", "--out", str(out), "--n", "10", "--seed", "1", "--layout", "grid",
+               "--questions", "all", "--quiet"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["questions"] == "all"
+    records = [r for s in SPLITS for r in _lines(out / f"{s}.jsonl")]
+    assert sum(len(r["templates"]) for r in records) > 3 * len(records)
+    assert _write(tmp_path / "some", n=5, seed=1)["questions"] == "some"
+    with pytest.raises(PixtralError, match="--questions must be one of some, all"):
+        _write(tmp_path / "bad", n=5, seed=1, questions="most")

@@ -49,6 +49,10 @@ def register(subparsers) -> None:
                        help="facts in pretrain.jsonl: in reading order (default), or each keyed by what a "
                             "question names, in random order; both: reading order in pretrain.jsonl and "
                             "lookup order in pretrain_lookup.jsonl")
+    synth.add_argument("--questions", default="some", choices=("some", "all"),
+                       help="questions per image: one, or a few whose answers do not give one another away "
+                            "(default; fit for evaluation), or all: every question template of the category "
+                            "(training data: more answers per image)")
     synth.add_argument("--overwrite", action="store_true",
                        help="replace a previous `pixtral data synth` output in DIR")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -98,6 +102,7 @@ def run_synth(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         documents=args.documents,
         layout=args.layout,
+        questions=args.questions,
     )
     start = time.perf_counter()
     manifest = write_dataset(config, progress=not args.quiet)

@@ -48,15 +48,24 @@ def shuffled(rng: random.Random, items: list[str]) -> list[str]:
     return items
 
 
-def choose_plan(rng: random.Random, single: tuple[str, ...], multi: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+def choose_plan(rng: random.Random, single: tuple[str, ...], multi: tuple[tuple[str, ...], ...],
+                every: tuple[tuple[str, ...], ...] | None = None) -> tuple[str, ...]:
     """The templates to ask, in order: one template, or (MULTI_TURN_RATE of the time) a
     multi-turn combination.
+
+    With `every` (a category's EVERY plans, for `questions="all"` training data), one of those
+    plans in random order instead: every template of the category about one image, so that each
+    image's tokens, the bulk of a sample's cost, pay for several answers instead of one or two.
+    Such conversations may give one answer away in another (a chart's values and its tallest
+    bar), which is why evaluation data never uses them.
 
     Each category lists only combinations whose answers are independent of one another,
     so earlier turns in the history never give away a later answer (a model shown a
     blank image must not beat guessing). Single-turn templates are weighted so that,
     counting the multi-turn ones, templates come up about equally often.
     """
+    if every is not None:
+        return tuple(shuffled(rng, list(rng.choice(every))))
     if multi and rng.random() < MULTI_TURN_RATE:
         return rng.choice(multi)
     return (rng.choices(single, weights=_single_weights(single, multi))[0],)

@@ -18,6 +18,8 @@ from pixtral.data.synth.vocab import CHART_TITLES, COLOR_NAMES, COLORS, DIGITS, 
 CATEGORY = "charts"
 SINGLE = ("tallest", "shortest", "value", "count")
 MULTI = (("tallest", "count"), ("shortest", "count"), ("count", "value"), ("count", "value", "value"))
+# questions="all" (training data): every template, about one image.
+EVERY = (("tallest", "shortest", "value", "value", "count"),)
 QUESTIONS = {
     "bar": {
         "tallest": "Which bar is the tallest?",
@@ -37,9 +39,9 @@ MAX_RATIO = 1.6
 MAX_VALUE = max(DIGITS)
 
 
-def generate(rng: random.Random, grid: bool = False) -> Sample:
+def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sample:
     width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
-    plan = choose_plan(rng, SINGLE, MULTI)
+    plan = choose_plan(rng, SINGLE, MULTI, EVERY if every else None)
     kind = rng.choice(("bar", "line"))
     k = rng.randint(2, 5)
     labels = sorted(rng.sample(LETTERS, k), key=LETTERS.index)

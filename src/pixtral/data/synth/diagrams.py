@@ -20,6 +20,8 @@ CATEGORY = "diagrams"
 SINGLE = ("count", "colour", "shape", "arrow")
 MULTI = (("arrow", "colour"), ("arrow", "shape"), ("count", "colour"), ("shape", "colour"),
          ("arrow", "shape", "colour"), ("colour", "colour"))
+# questions="all" (training data): every template, about one image.
+EVERY = (("count", "colour", "colour", "shape", "shape", "arrow"),)
 QUESTIONS = {
     "count": "How many {plural} are there?",
     "colour": "What colour is the shape labelled {label}?",
@@ -31,9 +33,9 @@ MAX_RATIO = 1.3
 GAP = 3  # between a shape and an arrow end
 
 
-def generate(rng: random.Random, grid: bool = False) -> Sample:
+def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sample:
     width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
-    plan = choose_plan(rng, SINGLE, MULTI)
+    plan = choose_plan(rng, SINGLE, MULTI, EVERY if every else None)
     n = rng.randint(3, 4)
     if "count" in plan:
         counted, n_counted = rng.choice(SHAPES), rng.randint(1, 3)

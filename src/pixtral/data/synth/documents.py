@@ -17,6 +17,8 @@ from pixtral.data.synth.vocab import DIGITS, FIELDS, GREY, INK, LIGHT_GREY, TITL
 CATEGORY = "documents"
 SINGLE = ("title", "after", "which")
 MULTI = (("title", "after"), ("after", "title"), ("which", "title"), ("title", "after", "after"))
+# questions="all" (training data): every template, about one image.
+EVERY = (("title", "after", "which"),)
 QUESTIONS = {
     "title": "What is the title of the document?",
     "after": "What number comes after the word {word}?",
@@ -29,9 +31,9 @@ FIELD_ROW = TEXT + 12  # height of one "Word: n" line
 FILLER_ROW = 12  # height of one grey filler line
 
 
-def generate(rng: random.Random, grid: bool = False) -> Sample:
+def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sample:
     width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO, portrait_bias=PORTRAIT_BIAS)
-    plan = choose_plan(rng, SINGLE, MULTI)
+    plan = choose_plan(rng, SINGLE, MULTI, EVERY if every else None)
     title = rng.choice(TITLES)
     k = rng.randint(2, 4)
     words = rng.sample(FIELDS, k)

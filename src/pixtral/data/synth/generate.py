@@ -29,14 +29,20 @@ def sample_rng(seed: int, index: int, category: str) -> random.Random:
 
 
 LAYOUTS = ("free", "grid")
+# "some": one question, or a few whose answers do not give one another away (held-out data);
+# "all": every question template of the category about each image (training data).
+QUESTION_SETS = ("some", "all")
 
 
-def generate_sample(seed: int, index: int = 0, category: str | None = None, layout: str = "free") -> Sample:
+def generate_sample(seed: int, index: int = 0, category: str | None = None, layout: str = "free",
+                    questions: str = "some") -> Sample:
     """Generate sample `index` of the data set with `seed`.
 
     `category` defaults to the round-robin choice CATEGORIES[index % 5]. `layout` "grid" puts
     every label, value and object in the default model's token cells (`draw.CELL`); "free"
-    anywhere. The same arguments always give the same image (pixel for pixel) and the same turns.
+    anywhere. `questions` is one of QUESTION_SETS; "all" draws from its own random stream, so its
+    images are new ones, not those of "some" with more questions. The same arguments always give
+    the same image (pixel for pixel) and the same turns.
     """
     if category is None:
         category = CATEGORIES[index % len(CATEGORIES)]
@@ -44,6 +50,10 @@ def generate_sample(seed: int, index: int = 0, category: str | None = None, layo
         raise ValueError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if questions not in QUESTION_SETS:
+        raise ValueError(f"unknown question set {questions!r}; expected one of {', '.join(QUESTION_SETS)}")
+    if questions == "all":
+        return GENERATORS[category](sample_rng(seed, index, f"{category}/{layout}/all"), grid=layout == "grid", every=True)
     if layout == "free":  # the original stream, unchanged
         return GENERATORS[category](sample_rng(seed, index, category))
     return GENERATORS[category](sample_rng(seed, index, f"{category}/{layout}"), grid=True)

@@ -18,6 +18,9 @@ from pixtral.data.synth.vocab import BROWN, COLOR_NAMES, COLORS, OBJECT_PLURALS,
 CATEGORY = "misc"
 SINGLE = ("count", "colour", "colour_count")
 MULTI = (("count", "colour"), ("colour", "count"), ("colour", "colour"), ("count", "colour", "colour"))
+# questions="all" (training data): every template, about one image; colour_count builds its own
+# scene of repeated kinds, so it stays a conversation of its own.
+EVERY = (("count", "colour", "colour"), ("colour_count",))
 QUESTIONS = {
     "count": "How many {plural} are there?",
     "colour": "What colour is the {name}?",
@@ -43,10 +46,10 @@ def _grid(w: float, h: float, tokens: bool = False) -> tuple[int, int, float]:
     return best
 
 
-def generate(rng: random.Random, grid: bool = False) -> Sample:
+def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sample:
     width, height = (sample_grid_size if grid else sample_size)(
         rng, MIN_VIEW, MAX_RATIO, fits=lambda w, h: _grid(w, h, grid)[2] >= MIN_CELL)
-    plan = choose_plan(rng, SINGLE, MULTI)
+    plan = choose_plan(rng, SINGLE, MULTI, EVERY if every else None)
     objects: list[tuple[str, str]] = []  # (kind, colour)
     turns = []
     if plan == ("colour_count",):

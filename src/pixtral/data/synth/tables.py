@@ -17,6 +17,8 @@ from pixtral.data.synth.vocab import DIGITS, INK, ITEMS, LETTERS
 CATEGORY = "tables"
 SINGLE = ("cell", "largest", "rows")
 MULTI = (("largest", "rows"), ("rows", "cell"), ("largest", "cell"), ("largest", "cell", "rows"), ("cell", "cell"))
+# questions="all" (training data): every template, about one image.
+EVERY = (("largest", "cell", "cell", "rows"),)
 QUESTIONS = {
     "cell": "What is the value for {item} in column {column}?",
     "largest": "Which item has the largest value in column {column}?",
@@ -27,9 +29,9 @@ MAX_RATIO = 1.6
 HEADER_FILLS = ((215, 215, 215), (200, 225, 250), (255, 230, 180))
 
 
-def generate(rng: random.Random, grid: bool = False) -> Sample:
+def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sample:
     width, height = (sample_grid_size if grid else sample_size)(rng, MIN_VIEW, MAX_RATIO)
-    plan = choose_plan(rng, SINGLE, MULTI)
+    plan = choose_plan(rng, SINGLE, MULTI, EVERY if every else None)
     n_rows, n_cols = rng.randint(2, 4), rng.randint(2, 3)
     items = rng.sample(ITEMS, n_rows)
     columns = sorted(rng.sample(LETTERS, n_cols), key=LETTERS.index)

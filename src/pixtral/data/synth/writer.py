@@ -8,7 +8,8 @@ where a question supervises one. `documents="reading"` lists the facts in readin
 (`Sample.description`), `"lookup"` keyed by what a question would name and in random order
 (`Sample.lookup`). `"both"` writes the reading-order documents to `pretrain.jsonl` and the lookup
 ones about the same images to `pretrain_lookup.jsonl`: one set of images for a recipe that trains
-on both (or on one, then the other).
+on both (or on one, then the other). `questions="all"` asks every question template of a category
+about each image, for training data that gets more answers out of each image.
 
 Every file is written to a temporary name and renamed into place, the JSONL files only
 after all their images exist and the manifest last: an interrupted run leaves no JSONL
@@ -32,7 +33,7 @@ from typing import Iterator
 
 from pixtral.data.synth.base import Turn
 from pixtral.data.synth.draw import MAX_SIDE, MIN_SIDE, VIEW
-from pixtral.data.synth.generate import CATEGORIES, GENERATOR_VERSION, LAYOUTS, generate_sample
+from pixtral.data.synth.generate import CATEGORIES, GENERATOR_VERSION, LAYOUTS, QUESTION_SETS, generate_sample
 from pixtral.errors import PixtralError
 
 SPLITS = ("train", "val", "test")
@@ -60,6 +61,7 @@ class SynthConfig:
     compress_level: int = 1  # PNG zlib level: 1 is fast, files are mostly white anyway
     documents: str = "reading"  # the text of pretrain.jsonl (and pretrain_lookup.jsonl): one of DOCUMENT_ORDERS
     layout: str = "free"  # "grid": labels, values and objects in the default model's token cells
+    questions: str = "some"  # "all": every question template about each image (training data)
 
 
 def split_counts(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
@@ -124,6 +126,8 @@ def check_config(config: SynthConfig) -> None:
         raise PixtralError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {config.workers!r}")
     if config.layout not in LAYOUTS:
         raise PixtralError(f"--layout must be one of {', '.join(LAYOUTS)}, got {config.layout!r}")
+    if config.questions not in QUESTION_SETS:
+        raise PixtralError(f"--questions must be one of {', '.join(QUESTION_SETS)}, got {config.questions!r}")
     if config.documents not in DOCUMENT_ORDERS:
         raise PixtralError(f"--documents must be one of {', '.join(DOCUMENT_ORDERS)}, got {config.documents!r}")
     if not 0 <= config.compress_level <= 9:
@@ -177,12 +181,12 @@ def _document_files(documents: str) -> dict[str, str]:
     return {PRETRAIN: documents}
 
 
-def _make(job: tuple[int, int, str, str, int, str, str]) -> tuple[list[Turn], str, dict[str, str]]:
+def _make(job: tuple[int, int, str, str, int, str, str, str]) -> tuple[list[Turn], str, dict[str, str]]:
     """Generate one sample and write its image atomically; runs in worker processes.
 
     Returns its turns, category and {document output name: the document's text}."""
-    seed, index, category, image_path, compress_level, documents, layout = job
-    sample = generate_sample(seed, index, category, layout)
+    seed, index, category, image_path, compress_level, documents, layout, questions = job
+    sample = generate_sample(seed, index, category, layout, questions)
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG", compress_level=compress_level)
     _write_atomic(Path(image_path), buf.getvalue())
@@ -202,7 +206,7 @@ def _jobs(config: SynthConfig, images: Path, counts: dict[str, int]) -> Iterator
         for j in range(counts[split]):
             category = config.categories[j % len(config.categories)]
             yield split, j, index, (config.seed, index, category, str(images / f"{index:0{digits}d}.png"),
-                                    config.compress_level, config.documents, config.layout)
+                                    config.compress_level, config.documents, config.layout, config.questions)
             index += 1
 
 
@@ -272,6 +276,7 @@ def write_dataset(config: SynthConfig, progress: bool = True) -> dict:
         "n": config.n,
         "categories": list(config.categories),
         "layout": config.layout,
+        "questions": config.questions,
         "fractions": {"val": config.val_frac, "test": config.test_frac},
         "image_dir": IMAGE_DIR,
         "image_sides": [MIN_SIDE, MAX_SIDE],
