@@ -168,7 +168,7 @@ def test_lookup_documents_change_only_the_document_text(tmp_path, dataset):
     for doc in _lines(lookup / "pretrain.jsonl"):
         index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
         assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).lookup
-    with pytest.raises(PixtralError, match="--documents must be one of reading, lookup, both"):
+    with pytest.raises(PixtralError, match="--documents must be one of reading, lookup, ranked, both"):
         _write(tmp_path / "bad", n=5, seed=3, documents="shuffled")
 
 
@@ -419,6 +419,62 @@ def test_lookup_documents_key_every_answer_in_random_order():
     assert checked > 300
     assert reordered > 200  # not the reading order (two-item charts keep it half the time)
 
+
+
+def _ranked_pairs(text: str) -> list[tuple[str, int]]:
+    return [(name, int(value)) for name, value in re.findall(r"([A-Z][a-z]*) (\d)\b", text)]
+
+
+def test_ranked_documents_list_each_compared_set_largest_first():
+    seen = Counter()
+    for i in range(300):
+        sample = generate_sample(22, i, layout="grid")
+        ranked = sample.ranked
+        if sample.category == "charts":
+            head, facts = ranked.split(", from ")
+            pairs = _ranked_pairs(facts.split(":", 1)[1])
+            # the same bars and values as the reading-order description, largest first
+            assert sorted(pairs) == sorted(_ranked_pairs(sample.description.split(":", 1)[1]))
+            assert [v for _, v in pairs] == sorted((v for _, v in pairs), reverse=True), ranked
+            for turn in sample.turns:  # the tallest bar comes first, the shortest last
+                if turn.template == "charts.tallest":
+                    assert pairs[0][0] == turn.answer, (ranked, turn)
+                if turn.template == "charts.shortest":
+                    assert pairs[-1][0] == turn.answer, (ranked, turn)
+        elif sample.category == "tables":
+            columns = re.findall(r"Column ([A-Z]) from largest: ([^.]*)\.", ranked)
+            assert [c for c, _ in columns] == sample.description.split("columns ")[1].split(".")[0].split()
+            for _, cells in columns:
+                values = [int(cell.rsplit(" ", 1)[1]) for cell in cells.split(", ")]
+                assert values == sorted(values, reverse=True), ranked
+            for turn in sample.turns:
+                if turn.template == "tables.largest":
+                    column = turn.question.split("column ")[1].rstrip("?")
+                    assert dict(columns)[column].split(" ")[0] == turn.answer, (ranked, turn)
+        elif sample.category == "documents":
+            facts = re.findall(r"(\d) follows ([A-Z][a-z]+)\.", ranked)
+            assert [int(n) for n, _ in facts] == sorted((int(n) for n, _ in facts), reverse=True)
+            for turn in sample.turns:
+                if turn.template == "documents.which":
+                    number = turn.question.rstrip("?").split()[-1]
+                    assert f"{number} follows {turn.answer}." in ranked, (ranked, turn)
+        else:  # nothing compared: the lookup text
+            assert ranked == sample.lookup
+        seen[sample.category] += 1
+    assert len(seen) == 5
+
+
+def test_ranked_documents_change_only_the_document_text(tmp_path, dataset):
+    out, _ = dataset
+    ranked = tmp_path / "ranked"
+    manifest = _write(ranked, n=60, seed=3, documents="ranked")
+    assert manifest["pretrain"]["order"] == "ranked"
+    before, after = _files(out), _files(ranked)
+    assert {k: v for k, v in before.items() if k not in ("pretrain.jsonl", "manifest.json")} == \
+        {k: v for k, v in after.items() if k not in ("pretrain.jsonl", "manifest.json")}
+    for doc in _lines(ranked / "pretrain.jsonl"):
+        index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
+        assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).ranked
 
 
 # -- grid layout ---------------------------------------------------------------------------

@@ -45,10 +45,11 @@ def register(subparsers) -> None:
     synth.add_argument("--layout", default="free", choices=("free", "grid"),
                        help="where labels, values and objects go: anywhere (default), or centred in the "
                             "token cells of the default model (32 px at the 256-px view)")
-    synth.add_argument("--documents", default="reading", choices=("reading", "lookup", "both"),
-                       help="facts in pretrain.jsonl: in reading order (default), or each keyed by what a "
-                            "question names, in random order; both: reading order in pretrain.jsonl and "
-                            "lookup order in pretrain_lookup.jsonl")
+    synth.add_argument("--documents", default="reading", choices=("reading", "lookup", "ranked", "both"),
+                       help="facts in pretrain.jsonl: in reading order (default); lookup: each keyed by what a "
+                            "question names, in random order; ranked: largest first where questions compare "
+                            "(bars, table columns, document numbers), else as lookup; both: reading order in "
+                            "pretrain.jsonl and lookup order in pretrain_lookup.jsonl")
     synth.add_argument("--questions", default="some", choices=("some", "all"),
                        help="questions per image: one, or a few whose answers do not give one another away "
                             "(default; fit for evaluation), or all: every question template of the category "

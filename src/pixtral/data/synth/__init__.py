@@ -12,6 +12,7 @@ question has a short exact answer (one word or one number) read from the image.
     sample.turns              # [Turn(template, question, answer), ...]
     sample.description        # "Bar chart Sales, 3 bars: A 4, C 7, D 1."
     sample.lookup             # the same facts in random order: "Bar chart Sales, 3 bars: C 7, A 4, D 1."
+    sample.ranked             # largest first: "Bar chart Sales, 3 bars, from tallest: C 7, A 4, D 1."
     generate_sample(0, 3, "charts", layout="grid")  # every label and value in one image token
 """
 

@@ -35,6 +35,10 @@ class Sample:
     # position alone; in random order each value must be found from the key just written, which
     # is the lookup the questions ask for ("What is the value of bar C?").
     lookup: str = ""
+    # The facts a comparison asks about, largest first ("Bar chart Sales, 3 bars, from tallest: C 7,
+    # A 4, D 1."): each next item is the largest of those left, the step "Which bar is the
+    # tallest?" takes once. Categories without comparisons repeat `lookup`.
+    ranked: str = ""
 
     @property
     def size(self) -> tuple[int, int]:

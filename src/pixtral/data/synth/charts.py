@@ -75,7 +75,10 @@ def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sam
     head = f"{kind.capitalize()} chart {title}, {k} {'bars' if kind == 'bar' else 'points'}"
     description = f"{head}: {', '.join(pairs)}."
     lookup = f"{head}: {', '.join(shuffled(rng, pairs))}."
-    return Sample(CATEGORY, canvas.image, turns, description, lookup)
+    by_value = sorted(range(k), key=lambda i: -values[i])  # stable: equal values in reading order
+    top = "tallest" if kind == "bar" else "highest"
+    ranked = f"{head}, from {top}: {', '.join(pairs[i] for i in by_value)}."
+    return Sample(CATEGORY, canvas.image, turns, description, lookup, ranked)
 
 
 def _draw(c: Canvas, kind: str, labels: list[str], values: list[int], fill, title: str) -> None:

@@ -78,7 +78,7 @@ def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sam
     keyed = shuffled(rng, [f"{labels[i]} {colours[i]} {shapes[i]}" for i in range(n)])
     arrows_keyed = shuffled(rng, [f"{labels[a]} to {labels[b]}" for a, b in arrows])
     lookup = f"Diagram: {', '.join(keyed)}. Arrows: {', '.join(arrows_keyed)}."
-    return Sample(CATEGORY, canvas.image, turns, description, lookup)
+    return Sample(CATEGORY, canvas.image, turns, description, lookup, ranked=lookup)
 
 
 def _layout(c: Canvas, rng: random.Random, n: int, grid: bool = False) -> tuple[list[tuple[float, float]], float]:

@@ -63,7 +63,10 @@ def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sam
     looked_up = [f"{word}: {number}." if rng.random() < 0.5 else f"{number} follows {word}."
                  for word, number in shuffled(rng, list(zip(words, numbers)))]
     lookup = f"Document titled {title}. {' '.join(looked_up)}"
-    return Sample(CATEGORY, canvas.image, turns, description, lookup)
+    # No comparison here; the number-first form, largest first, drills "Which word is followed by 7?".
+    by_number = sorted(range(k), key=lambda i: -numbers[i])
+    ranked = f"Document titled {title}. {' '.join(f'{numbers[i]} follows {words[i]}.' for i in by_number)}"
+    return Sample(CATEGORY, canvas.image, turns, description, lookup, ranked)
 
 
 def _draw(c: Canvas, rng: random.Random, title: str, words: list[str], numbers: list[int]) -> None:

@@ -91,7 +91,7 @@ def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sam
     description = f"Scene: {', '.join(f'{colour} {kind}' for kind, colour in in_order)}. {totals}."
     keyed = shuffled(rng, [f"{kind} {colour}" for kind, colour in objects])
     lookup = f"Scene: {', '.join(keyed)}. {totals}."
-    return Sample(CATEGORY, canvas.image, turns, description, lookup)
+    return Sample(CATEGORY, canvas.image, turns, description, lookup, ranked=lookup)
 
 
 def _draw_object(c: Canvas, kind: str, cx: float, cy: float, s: float, fill) -> None:

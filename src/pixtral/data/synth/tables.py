@@ -68,7 +68,12 @@ def generate(rng: random.Random, grid: bool = False, every: bool = False) -> Sam
     description = f"{head} {rows}"
     cells = [f"{item} {column} {value}." for item, row in zip(items, values) for column, value in zip(columns, row)]
     lookup = f"{head} {' '.join(shuffled(rng, cells))}"
-    return Sample(CATEGORY, canvas.image, turns, description, lookup)
+    by_column = []
+    for j, column in enumerate(columns):
+        order = sorted(range(n_rows), key=lambda i: -values[i][j])  # stable: ties top to bottom
+        by_column.append(f"Column {column} from largest: {', '.join(f'{items[i]} {values[i][j]}' for i in order)}.")
+    ranked = f"{head} {' '.join(by_column)}"
+    return Sample(CATEGORY, canvas.image, turns, description, lookup, ranked)
 
 
 def _draw(c: Canvas, items: list[str], columns: list[str], values: list[list[int]], header_fill,

@@ -6,7 +6,7 @@ label, value and object in it), in the trainer's document format; the paper pre-
 documents before instruction tuning, and here they supervise every fact of an image at once
 where a question supervises one. `documents="reading"` lists the facts in reading order
 (`Sample.description`), `"lookup"` keyed by what a question would name and in random order
-(`Sample.lookup`). `"both"` writes the reading-order documents to `pretrain.jsonl` and the lookup
+(`Sample.lookup`), `"ranked"` largest first where a question compares (`Sample.ranked`). `"both"` writes the reading-order documents to `pretrain.jsonl` and the lookup
 ones about the same images to `pretrain_lookup.jsonl`: one set of images for a recipe that trains
 on both (or on one, then the other). `questions="all"` asks every question template of a category
 about each image, for training data that gets more answers out of each image.
@@ -44,7 +44,7 @@ IMAGE_DIR = "images"
 MANIFEST = "manifest.json"
 MAX_N = 10_000_000
 MAX_WORKERS = 64
-DOCUMENT_ORDERS = ("reading", "lookup", "both")
+DOCUMENT_ORDERS = ("reading", "lookup", "ranked", "both")
 _OUR_IMAGE = re.compile(r"^\d{6,}\.png$")
 
 
@@ -190,7 +190,7 @@ def _make(job: tuple[int, int, str, str, int, str, str, str]) -> tuple[list[Turn
     buf = io.BytesIO()
     sample.image.save(buf, format="PNG", compress_level=compress_level)
     _write_atomic(Path(image_path), buf.getvalue())
-    texts = {"reading": sample.description, "lookup": sample.lookup}
+    texts = {"reading": sample.description, "lookup": sample.lookup, "ranked": sample.ranked}
     return sample.turns, sample.category, {name: texts[order] for name, order in _document_files(documents).items()}
 
 
