@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model end to end (about 2 h 20 min on a quiet 2-core Zen 4 CPU):
+# Reproduce the embedded default model end to end (about 2 h 40 min on a quiet 2-core Zen 4 CPU):
 #   1. synthetic data (seed 1) on the token grid: chat conversations, and reading-order and lookup
-#      documents about the same training images (`--documents both`),
+#      documents about the same training images (`--documents both`); and, for stage 4,
+#      conversations that ask every question about 60000 new images, with ranked documents about
+#      them (`--questions all --documents ranked`),
 #   2. stage 1, from scratch, learns to read: configs/default_model_stage1.yaml (12000 steps),
 #   3. stage 2, from stage 1, learns to answer: configs/default_model_stage2.yaml (24000 steps),
 #   4. stage 3, from stage 2, trains on: configs/default_model_stage3.yaml (7000 steps),
-#   5. install the weights into src/pixtral/assets/default_model/,
-#   6. evaluate with `pixtral eval synth` on held-out data from seed 3 (never used in training),
+#   5. stage 4, from stage 3, adds the second data set: configs/default_model_stage4.yaml (10000 steps),
+#   6. install the weights into src/pixtral/assets/default_model/,
+#   7. evaluate with `pixtral eval synth` on held-out data from seed 3 (never used in training),
 #      with real and with blank images.
 # Set RESUME=1 to continue an interrupted stage (`pixtral train --resume`).
 set -euo pipefail
@@ -20,6 +23,11 @@ PIXTRAL="$PY -m pixtral.cli.main"
 data=runs/synth_default
 if [[ ! -f $data/manifest.json || ! -f $data/pretrain_lookup.jsonl ]]; then
   $PIXTRAL data synth --out $data --n 60000 --seed 1 --workers 2 --layout grid --documents both --overwrite
+fi
+every=runs/synth_default_all
+if [[ ! -f $every/manifest.json ]]; then
+  $PIXTRAL data synth --out $every --n 60000 --seed 1 --val-frac 0 --test-frac 0 --workers 2 --layout grid \
+    --questions all --documents ranked --overwrite
 fi
 
 train_stage() {  # config, run directory
@@ -36,10 +44,11 @@ train_stage() {  # config, run directory
 train_stage configs/default_model_stage1.yaml runs/default_model_stage1
 train_stage configs/default_model_stage2.yaml runs/default_model_stage2
 train_stage configs/default_model_stage3.yaml runs/default_model_stage3
+train_stage configs/default_model_stage4.yaml runs/default_model_stage4
 
 dst=src/pixtral/assets/default_model
 mkdir -p "$dst"
-cp runs/default_model_stage3/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
+cp runs/default_model_stage4/final/mistral/{params.json,consolidated.safetensors,tekken.json} "$dst/"
 du -ch "$dst"/* | tail -1
 
 if [[ ! -f runs/synth_grid_heldout/manifest.json || ! -f runs/synth_grid_heldout/pretrain_lookup.jsonl ]]; then
