@@ -156,18 +156,21 @@ def test_pretrain_documents_describe_the_train_images(dataset):
         assert text == {"type": "text", "text": generate_sample(manifest["seed"], index, rec["category"]).description}
 
 
-def test_lookup_documents_change_only_the_document_text(tmp_path, dataset):
+@pytest.mark.parametrize("order", ["lookup", "ranked"])
+def test_document_order_changes_only_the_document_text(tmp_path, dataset, order):
     out, _ = dataset
-    lookup = tmp_path / "lookup"
-    manifest = _write(lookup, n=60, seed=3, documents="lookup")
-    assert manifest["pretrain"]["order"] == "lookup"
-    before, after = _files(out), _files(lookup)
-    assert {k for k in before if k not in ("pretrain.jsonl", "manifest.json")} == \
-        {k for k in after if k not in ("pretrain.jsonl", "manifest.json")}
-    assert all(before[k] == after[k] for k in before if k not in ("pretrain.jsonl", "manifest.json"))
-    for doc in _lines(lookup / "pretrain.jsonl"):
+    other = tmp_path / order
+    manifest = _write(other, n=60, seed=3, documents=order)
+    assert manifest["pretrain"]["order"] == order
+    before, after = _files(out), _files(other)
+    assert {k: v for k, v in before.items() if k not in ("pretrain.jsonl", "manifest.json")} == \
+        {k: v for k, v in after.items() if k not in ("pretrain.jsonl", "manifest.json")}
+    for doc in _lines(other / "pretrain.jsonl"):
         index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
-        assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).lookup
+        assert doc["content"][1]["text"] == getattr(generate_sample(3, index, doc["category"]), order)
+
+
+def test_unknown_document_order_is_refused(tmp_path):
     with pytest.raises(PixtralError, match="--documents must be one of reading, lookup, ranked, both"):
         _write(tmp_path / "bad", n=5, seed=3, documents="shuffled")
 
@@ -462,19 +465,6 @@ def test_ranked_documents_list_each_compared_set_largest_first():
             assert ranked == sample.lookup
         seen[sample.category] += 1
     assert len(seen) == 5
-
-
-def test_ranked_documents_change_only_the_document_text(tmp_path, dataset):
-    out, _ = dataset
-    ranked = tmp_path / "ranked"
-    manifest = _write(ranked, n=60, seed=3, documents="ranked")
-    assert manifest["pretrain"]["order"] == "ranked"
-    before, after = _files(out), _files(ranked)
-    assert {k: v for k, v in before.items() if k not in ("pretrain.jsonl", "manifest.json")} == \
-        {k: v for k, v in after.items() if k not in ("pretrain.jsonl", "manifest.json")}
-    for doc in _lines(ranked / "pretrain.jsonl"):
-        index = int(Path(doc["content"][0]["image_url"]["url"]).stem)
-        assert doc["content"][1]["text"] == generate_sample(3, index, doc["category"]).ranked
 
 
 # -- grid layout ---------------------------------------------------------------------------
