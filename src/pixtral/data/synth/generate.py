@@ -52,8 +52,8 @@ def generate_sample(seed: int, index: int = 0, category: str | None = None, layo
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if questions not in QUESTION_SETS:
         raise ValueError(f"unknown question set {questions!r}; expected one of {', '.join(QUESTION_SETS)}")
+    # Each layout and question set draws from a stream of its own; the free layout's is the original.
+    stream = category if layout == "free" else f"{category}/{layout}"
     if questions == "all":
-        return GENERATORS[category](sample_rng(seed, index, f"{category}/{layout}/all"), grid=layout == "grid", every=True)
-    if layout == "free":  # the original stream, unchanged
-        return GENERATORS[category](sample_rng(seed, index, category))
-    return GENERATORS[category](sample_rng(seed, index, f"{category}/{layout}"), grid=True)
+        stream += "/all"
+    return GENERATORS[category](sample_rng(seed, index, stream), grid=layout == "grid", every=questions == "all")
