@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from pixtral.data.synth import generate_sample
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "describe_images.py"
+from tests.scripts.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def describe():
-    spec = importlib.util.spec_from_file_location("describe_images", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("describe_images")
 
 
 def test_facts_do_not_depend_on_their_order(describe):

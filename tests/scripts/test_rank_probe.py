@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 
 from pixtral.assets import default_model_dir
 from pixtral.data.synth import generate_sample
 from pixtral.processing import load_processor
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rank_probe.py"
+from tests.scripts.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("rank_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("rank_probe")
 
 
 def test_label_positions_are_the_ranked_labels(probe, tmp_path):
