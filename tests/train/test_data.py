@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.pool
 
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
@@ -109,6 +110,81 @@ def test_bad_lines_are_reported_with_file_and_line(processor, chat_data, tmp_pat
     assert "1 too long" in summary and "1 bad or missing images" in summary and "1 invalid JSON" in summary
     with pytest.raises(DataError, match=f"{bad}:2: "):
         load_jsonl(bad, processor, 200, on_error="fail", log=lambda *_: None)
+
+
+def _bad_file(chat_data, tmp_path):
+    """The good chat lines with a bad line (invalid JSON) and a missing image among them."""
+    lines = chat_data.read_text().splitlines()
+    lines[5] = "{not json"
+    record = json.loads(lines[12])
+    record["messages"][0]["content"][0]["image_url"]["url"] = "images/missing.png"
+    lines[12] = json.dumps(record)
+    path = tmp_path / "mixed.jsonl"
+    (tmp_path / "images").symlink_to(chat_data.parent / "images")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_workers_give_the_same_examples_and_report(processor, chat_data, tmp_path, monkeypatch):
+    import pixtral.train.data as data
+
+    path = _bad_file(chat_data, tmp_path)
+    one_log, two_log = [], []
+    one, one_report = load_jsonl(path, processor, 10_000, log=one_log.append)
+    monkeypatch.setattr(data, "MIN_LINES_PER_WORKER", 1)  # fork even for this small file
+    chunks = []
+    starmap = multiprocessing.pool.Pool.starmap
+    monkeypatch.setattr(multiprocessing.pool.Pool, "starmap",
+                        lambda pool, f, args: chunks.extend(args) or starmap(pool, f, args))
+    two, two_report = load_jsonl(path, processor, 10_000, log=two_log.append, workers=3)
+    assert [first for first, _ in chunks] == [0, 14, 28]  # three workers, a third of the lines each
+    assert [(e.ids, e.mask, e.images, e.where) for e in one] == [(e.ids, e.mask, e.images, e.where) for e in two]
+    assert one_report == two_report and one_report.kept == 38
+    assert one_log == two_log and len(one_log) == 2
+    assert f"{path}:6: " in one_log[0] and f"{path}:13: " in one_log[1] and "missing.png" in one_log[1]
+    with pytest.raises(DataError, match=f"{path}:13: .*missing.png"):  # raised in the second worker
+        load_jsonl(_only_bad_image(path), processor, 10_000, on_error="fail", workers=3)
+
+
+def _only_bad_image(path):
+    """`path` without its invalid-JSON line 6 (now a blank line): the missing image on line 13 fails."""
+    lines = path.read_text().splitlines()
+    lines[5] = ""
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_conversation_encodes_each_image_once(processor, chat_data, monkeypatch):
+    """Each prefix of a multi-turn conversation holds the same image; it is resized once."""
+    encoder = processor._image_encoder._encoder
+    calls = []
+    monkeypatch.setattr(type(encoder), "__call__", _recording(type(encoder).__call__, calls))
+    examples, _ = load_jsonl(chat_data, processor, 10_000)
+    record = json.loads(chat_data.read_text().splitlines()[0])
+    assert sum(m["role"] == "assistant" for m in record["messages"]) == 2  # two prefixes
+    n_images = sum(len(e.images) for e in examples)
+    assert len(calls) == n_images  # not once per prefix
+
+
+def _recording(call, calls):
+    def wrapper(self, chunk):
+        calls.append(chunk)
+        return call(self, chunk)
+    return wrapper
+
+
+def test_recent_image_encodings_reuse_only_the_same_image(processor, chat_data):
+    from mistral_common.protocol.instruct.chunk import ImageChunk
+    from PIL import Image
+
+    path = chat_data.parent / "images" / "train0.png"
+    a, b = Image.open(path).convert("RGB"), Image.open(path).convert("RGB")
+    enc = processor._image_encoder
+    first = enc(ImageChunk(image=a))
+    assert enc(ImageChunk(image=a)) is first
+    other = enc(ImageChunk(image=b))  # equal pixels, another object: encoded again
+    assert other is not first and other.tokens == first.tokens
+    assert enc.special_ids == processor._image_encoder._encoder.special_ids  # attributes pass through
 
 
 def test_config_yaml_and_overrides(tmp_path):

@@ -38,6 +38,7 @@ class DataConfig:
     format: str = "auto"  # chat | document | auto (per line)
     seq_len: int = 2048  # tokens per packed sequence; longer samples are skipped and reported
     on_error: str = "skip"  # skip | fail
+    workers: int = 0  # processes that encode the data at the start; 0: one per CPU core (per rank)
 
 
 @dataclass
@@ -133,6 +134,9 @@ class TrainConfig:
             raise ConfigError(f"config: 'save_dtype' must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if self.data.on_error not in ("skip", "fail"):
             raise ConfigError(f"config: 'data.on_error' must be 'skip' or 'fail', got {self.data.on_error!r}")
+        if not isinstance(self.data.workers, int) or isinstance(self.data.workers, bool) or self.data.workers < 0:
+            raise ConfigError(f"config: 'data.workers' must be a whole number >= 0 (0: one per CPU core), "
+                              f"got {self.data.workers!r}")
 
 
 def _build(cls, values: dict, source: str, prefix: str = ""):

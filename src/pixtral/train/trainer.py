@@ -196,6 +196,13 @@ def build_model(cfg: TrainConfig, out: Path, main: bool):
     return model, processor, tok
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use, not the machine's
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _barrier():
     import torch.distributed as dist
 
@@ -360,9 +367,11 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained")
 
     seq_len = cfg.data.seq_len
-    train_set = load_files(cfg.data.train, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "train")
-    val_set = (load_files(cfg.data.val, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "val")
-               if cfg.data.val else [])
+    workers = cfg.data.workers or max(1, _cpu_count() // d.world)
+    train_set = load_files(cfg.data.train, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "train",
+                           workers)
+    val_set = (load_files(cfg.data.val, processor, seq_len + 1, cfg.data.format, cfg.data.on_error, log, "val",
+                          workers) if cfg.data.val else [])
     stream = PackedStream([len(e) - 1 for e in train_set], seq_len, cfg.seed)
     log(f"{stream.sequences_per_epoch()} packed sequences of <= {seq_len} tokens per epoch")
 
