@@ -20,6 +20,7 @@ from pixtral.processing import Processor
 from pixtral.train.config import load_config
 from pixtral.train.lora import load_lora
 from pixtral.train.metrics import read_metrics
+from pixtral.train import trainer
 from pixtral.train.trainer import train
 
 from .conftest import tiny_config, write_config
@@ -182,6 +183,7 @@ def test_cpu_bf16_autocast_trains_in_bfloat16(tmp_path, chat_data, monkeypatch):
         return real(x, weight, bias)
 
     monkeypatch.setattr(F, "linear", spy)
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)  # whatever CPU runs the tests
     runs = {}
     for flag in (False, True):
         seen.clear()
@@ -192,6 +194,30 @@ def test_cpu_bf16_autocast_trains_in_bfloat16(tmp_path, chat_data, monkeypatch):
     for flag, curve in runs.items():
         assert curve[-1] < curve[0] * 0.8, (flag, curve)
     assert runs[True] != runs[False]
+
+
+def test_cpu_bf16_falls_back_to_float32_without_native_bf16(tmp_path, chat_data, monkeypatch):
+    """On a CPU that would emulate bf16, `cpu_bf16: true` says so and trains in float32."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(torch.is_autocast_enabled("cpu")) or real(x, w, b))
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    logged = []
+    cfg = tiny_config(tmp_path / "run", chat_data, steps=2, cpu_bf16=True)
+    train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=logged.append)
+    assert seen and not any(seen)
+    assert any("cpu_bf16" in line and "no native bfloat16" in line and "float32" in line for line in logged)
+
+
+def test_native_bf16_check_answers_on_this_machine():
+    import platform
+
+    answer = trainer.cpu_has_native_bf16()
+    assert isinstance(answer, bool)
+    if platform.machine() == "x86_64" and not torch.cpu._is_avx512_supported():
+        assert answer is False  # no AVX512 at all, so no AVX512-BF16
 
 
 def test_image_feature_l2_keeps_image_features_small(tmp_path, chat_data):

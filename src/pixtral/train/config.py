@@ -87,7 +87,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # autocast to bfloat16 on GPU
     # Autocast to bfloat16 on the CPU as well: about 2x faster on CPUs with AVX512-BF16 or AMX
-    # (measured on a Zen 4 EPYC), slower on others. Off by default: CPU runs stay exact float32.
+    # (measured on a Zen 4 EPYC); on x86 CPUs without them it would be emulated, many times slower,
+    # so the trainer says so and trains in float32. Off by default: CPU runs stay exact float32.
     cpu_bf16: bool = False
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
     save_every: int = 100  # steps between resumable checkpoints (0: only at the end)
