@@ -56,9 +56,8 @@ def grow(src: Path, dst: Path, after: list[int], seed: int = 0) -> dict:
     params["n_layers"] = new_depth
     save_file(out, dst / "consolidated.safetensors")
     (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    for extra in ("tekken.json",):
-        if (src / extra).is_file():
-            shutil.copy(src / extra, dst / extra)
+    if (src / "tekken.json").is_file():
+        shutil.copy(src / "tekken.json", dst / "tekken.json")
     return params
 
 
@@ -83,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not (a.src / "params.json").is_file() or not (a.src / "consolidated.safetensors").is_file():
         raise SystemExit(f"--src {a.src}: no params.json and consolidated.safetensors (a Mistral-layout checkpoint)")
+    if a.dst.exists() and any(a.dst.iterdir()):  # never overwrite a checkpoint, the source above all
+        raise SystemExit(f"--dst {a.dst}: exists and is not empty; give a new directory")
     params = grow(a.src, a.dst, sorted(a.after), a.seed)
     print(f"wrote {a.dst}: {params['n_layers']} decoder layers", file=sys.stderr)
 

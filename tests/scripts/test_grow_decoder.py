@@ -46,5 +46,7 @@ def test_new_layers_get_gradients(grow, tiny_checkpoint, tmp_path):
 def test_rejects_layers_the_source_does_not_have(grow, tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match=r"--after: each layer once, in 0\.\.1"):
         grow.main(["--src", str(tiny_checkpoint), "--dst", str(tmp_path / "g"), "--after", "7"])
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        grow.main(["--src", str(tiny_checkpoint), "--dst", str(tiny_checkpoint), "--after", "0"])
     with pytest.raises(SystemExit, match="no params.json"):
         grow.main(["--src", str(tmp_path), "--dst", str(tmp_path / "g"), "--after", "0"])
