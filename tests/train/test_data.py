@@ -199,3 +199,15 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(path, ["optimizer.lr=1"])
     with pytest.raises(ConfigError, match="c.yaml: steps: expected int"):
         load_config(path, ["steps=abc"])
+
+
+def test_config_refuses_bad_worker_counts(tmp_path):
+    from pixtral.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.jsonl\n")
+    assert load_config(path).data.workers == 0  # one per core
+    assert load_config(path, ["data.workers=3"]).data.workers == 3
+    for bad in ("-1", "true"):
+        with pytest.raises(ConfigError, match="'data.workers' must be a whole number >= 0"):
+            load_config(path, [f"data.workers={bad}"])
