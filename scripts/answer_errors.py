@@ -65,7 +65,10 @@ def main() -> None:
     for line in args.items.read_text().splitlines():
         item = json.loads(line)
         record_id, turn = item["id"].rsplit(":", 1)
-        record = records[record_id]
+        record = records.get(record_id)
+        if record is None:
+            sys.exit(f"error: {args.items} has item {item['id']!r}, which {args.data / 'test.jsonl'} does not hold: "
+                     "were the items scored on another data set?")
         template = record["templates"][int(turn)]
         if template not in counts:
             continue

@@ -46,3 +46,14 @@ def test_missing_files_are_named(errors, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         errors.main()
     assert str(exit_info.value) == f"error: {tmp_path / 'manifest.json'} not found"
+
+
+def test_items_from_another_data_set_are_refused(errors, tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text('{"seed": 3, "layout": "grid", "questions": "some"}')
+    (tmp_path / "test.jsonl").write_text('{"id": "test-0", "category": "tables", "templates": [], "messages": []}\n')
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"id": "test-7:0", "answer": "3", "scores": {"baseline": 0}}\n')
+    monkeypatch.setattr("sys.argv", ["answer_errors.py", "--data", str(tmp_path), "--items", str(items)])
+    with pytest.raises(SystemExit) as exit_info:
+        errors.main()
+    assert "'test-7:0'" in str(exit_info.value) and "another data set" in str(exit_info.value)
