@@ -2,12 +2,13 @@
 
     .venv/bin/python scripts/rank_probe.py [--model PATH] [--n 200] [--seed 5]
 
-For N held-out grid charts (`pixtral.data.synth`, a seed never used in training) the model reads the
-ranked document, the image then "Bar chart Sales, 3 bars, from tallest: C 7, A 4, D 1." (the text of
-`pixtral data synth --documents ranked`), and we take its prediction of each label in that list
-except the last, which the others force. A model that cannot rank but knows the chart's labels
-scores the guessing loss, log(labels left), at every rank; the top-1 column says how often its best
-guess is the right label. The first label of the list is the answer to "Which bar is the tallest?".
+For N held-out grid charts (`pixtral.data.synth`; no training run uses seed 5's `--questions some`
+images: stage 6 trains on its `--questions all` images, a random stream of their own) the model
+reads the ranked document, the image then "Bar chart Sales, 3 bars, from tallest: C 7, A 4, D 1."
+(the text of `pixtral data synth --documents ranked`), and we take its prediction of each label in
+that list except the last, which the others force. A model that cannot rank but knows the chart's
+labels scores the guessing loss, log(labels left), at every rank; the top-1 column says how often its
+best guess is the right label. The first label of the list is the answer to "Which bar is the tallest?".
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     ap.add_argument("--n", type=int, default=200, help="number of charts (default 200)")
-    ap.add_argument("--seed", type=int, default=5, help="synthetic data seed (default 5, never used in training)")
+    ap.add_argument("--seed", type=int, default=5, help="synthetic data seed (default 5: its --questions some charts are in no training set)")
     args = ap.parse_args(argv)
     if args.n < 1:
         raise PixtralError(f"--n must be at least 1, got {args.n}")
