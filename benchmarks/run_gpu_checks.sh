@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 5 in one go, on one H100 or H200 (about 5 minutes on an H200;
+# Every GPU measurement of issues 5 and 3 in one go, on one H100 or H200 (about 7 minutes on an H200;
 # ~60 GB of GPU memory, ~100 GB for the float32 parity step, which is skipped on smaller cards):
 #
 #   bash benchmarks/run_gpu_checks.sh OUTDIR
@@ -8,7 +8,9 @@
 # 2. bench_gpu.py on the Pixtral-12B shape, ours and transformers side by side, plus profiler tables;
 #    if it fails, ours alone without the Triton kernel (to tell a kernel problem from the rest);
 # 3. gpu_parity_12b.py: logits and greedy tokens against transformers at 12B scale, in bf16 and
-#    against a float32 run of both.
+#    against a float32 run of both;
+# 4. bench_recipe_time.py: the default model's training step and data steps on this machine, added
+#    up over scripts/train_default_model.sh's stages, against the 10-minute target.
 # Each step has its own time limit and log; a failed step does not stop the next one.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -41,4 +43,5 @@ memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2
 fp32=()
 if [ "${memory_mib:-0}" -lt 120000 ]; then fp32=(--no-fp32-reference); fi
 step parity 75 $python "$here/benchmarks/gpu_parity_12b.py" --out "$out/parity.json" "${fp32[@]}"
+step recipe 150 $python "$here/benchmarks/bench_recipe_time.py" --device cuda --steps 30 --images 8000
 cat "$out/steps.txt"

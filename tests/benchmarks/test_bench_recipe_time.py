@@ -1,0 +1,41 @@
+"""benchmarks/bench_recipe_time.py knows the size of every file the recipe's stages read, and the
+data sets it counts are the ones scripts/train_default_model.sh writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark imports its sibling `common`
+    try:
+        spec = importlib.util.spec_from_file_location("bench_recipe_time", REPO / "benchmarks" / "bench_recipe_time.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_sizes_cover_every_stage_and_match_the_script():
+    bench = load_bench()
+    stages = bench.stage_configs()
+    assert [name for name, _ in stages] == [f"stage{k}" for k in range(1, 8)]
+    read = {f for _, cfg in stages for f in cfg.data.train + cfg.data.val}
+    assert read <= set(bench.LINES), read - set(bench.LINES)
+
+    script = (REPO / "scripts" / "train_default_model.sh").read_text()
+    variables = dict(re.findall(r"^(\w+)=(runs/\S+)$", script, re.M))
+    writes = {}  # data folder -> --n of its `pixtral data synth`
+    for out, n in re.findall(r"data synth --out (\S+) --n (\d+)", script):
+        writes[variables.get(out.lstrip("$"), out)] = int(n)
+    assert writes == bench.IMAGES
+    heads = re.findall(r"head -n (\d+) \$(\w+)/(\S+) > \$\w+/(\S+)", script)
+    assert len(heads) == 3
+    for n, var, _, dest in heads:
+        assert bench.LINES[f"{variables[var]}/{dest}"] == int(n), dest
