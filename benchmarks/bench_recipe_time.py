@@ -129,10 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: one per core)")
     ap.add_argument("--images", type=int, default=2000, help="images written to time the data step (default 2000)")
     args = ap.parse_args(argv)
+    for name in ("steps", "workers", "threads", "images"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     stages = stage_configs()
     unknown = sorted({f for _, cfg in stages for f in cfg.data.train + cfg.data.val} - set(LINES))

@@ -1,5 +1,5 @@
-"""benchmarks/bench_recipe_time.py knows the size of every file the recipe's stages read, and the
-data sets it counts are the ones scripts/train_default_model.sh writes."""
+"""benchmarks/bench_recipe_time.py: it knows the size of every file the recipe's stages read, counts
+the data sets scripts/train_default_model.sh writes, and projects every stage against the target."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,3 +41,18 @@ def test_sizes_cover_every_stage_and_match_the_script():
     assert len(heads) == 3
     for n, var, _, dest in heads:
         assert bench.LINES[f"{variables[var]}/{dest}"] == int(n), dest
+
+
+def test_projects_every_stage_and_compares_with_the_target(capsys):
+    load_bench().main(["--device", "cpu", "--steps", "1", "--images", "20", "--workers", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| stage")]
+    assert [row.split()[1] for row in rows] == [f"stage{k}" for k in range(1, 8)]
+    assert "| stage1 (fp32, encoder frozen) | 12000 steps, 111000 lines |" in out
+    total = next(line for line in out.splitlines() if line.startswith("| **total**"))
+    assert "(target 3.0 h: " in total
+
+
+def test_refuses_bad_counts():
+    with pytest.raises(SystemExit, match="--steps must be at least 1, got 0"):
+        load_bench().main(["--steps", "0"])
