@@ -17,7 +17,6 @@ targets: 3 hours on a 2-core CPU, 10 minutes on one H100/H200. Not counted: the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -27,16 +26,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine  # noqa: E402
+from common import describe_machine, seconds_per_training_step  # noqa: E402
 
 from pixtral.assets import DEFAULT_MODEL_DIR  # noqa: E402
-from pixtral.checkpoint import load_model  # noqa: E402
 from pixtral.data.synth import SynthConfig, write_dataset  # noqa: E402
 from pixtral.processing import Processor  # noqa: E402
 from pixtral.train.config import load_config  # noqa: E402
 from pixtral.train.data import load_jsonl  # noqa: E402
 from pixtral.train.packing import PackedStream  # noqa: E402
-from pixtral.train.trainer import LossModel, cpu_has_native_bf16, freeze, make_batch  # noqa: E402
+from pixtral.train.trainer import cpu_has_native_bf16, make_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # What scripts/train_default_model.sh writes: images per `pixtral data synth` call, and lines per
@@ -91,28 +89,9 @@ def time_steps(device: torch.device, steps: int, workers: int):
         stream = PackedStream([len(e) - 1 for e in examples], 1024, 0)
         for frozen in (True, False):
             for bf16 in bf16_options:
-                torch.manual_seed(0)
-                model = load_model(DEFAULT_MODEL_DIR, device, torch.float32).requires_grad_(True)
-                freeze(model, ["vision_encoder"] if frozen else [])
-                loss_model = LossModel(model, 1e-3).train()
-                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-                for k in range(steps + 1):
-                    if k == 1:  # after the warm-up step
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        start = time.perf_counter()
-                    batch = make_batch([examples[i] for i in stream[k]], processor, device)
-                    with autocast:
-                        loss, penalty = loss_model(*batch)
-                    (loss + penalty).backward()
-                    loss.item()  # the trainer logs every step's loss
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                per_step[frozen, bf16] = (time.perf_counter() - start) / steps
+                per_step[frozen, bf16] = seconds_per_training_step(
+                    device, lambda k: make_batch([examples[i] for i in stream[k]], processor, device),
+                    steps, frozen, bf16)
     return per_line, per_step
 
 

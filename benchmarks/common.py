@@ -7,6 +7,7 @@ first checks that both pick the same greedy tokens.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -92,6 +93,36 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tuple], steps: int,
+                              frozen_encoder: bool, bf16: bool) -> float:
+    """The step of `pixtral train` on the embedded default model (forward, backward, gradient
+    clipping, AdamW), timed over `steps` steps after one warm-up; `batch_at(k)` gives step k's batch
+    (a `make_batch` tuple), inside the timing, so that building it counts when the caller builds it there."""
+    from pixtral.assets import DEFAULT_MODEL_DIR
+    from pixtral.checkpoint import load_model
+    from pixtral.train.trainer import LossModel, freeze
+
+    torch.manual_seed(0)
+    model = load_model(DEFAULT_MODEL_DIR, device, torch.float32).requires_grad_(True)
+    freeze(model, ["vision_encoder"] if frozen_encoder else [])
+    loss_model = LossModel(model, 1e-3).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for k in range(steps + 1):
+        if k == 1:  # after the warm-up step
+            synchronize(device)
+            start = time.perf_counter()
+        with autocast:
+            loss, penalty = loss_model(*batch_at(k))
+        (loss + penalty).backward()
+        loss.item()  # the trainer logs every step's loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def describe_machine(device: torch.device) -> str:
