@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         batches = [make_batch([examples[i] for i in stream[s]], processor, "cpu") for s in range(args.steps + 1)]
 
     # The batches are made beforehand: this compares the model's step alone, both ways.
-    times = {label: seconds_per_training_step(torch.device("cpu"), batches.__getitem__, args.steps, True, bf16)
+    cpu = torch.device("cpu")
+    times = {label: seconds_per_training_step(cpu, batches.__getitem__, args.steps, True, bf16)
              for label, bf16 in (("float32", False), ("bf16 autocast", True))}
 
     print(f"{describe_machine(torch.device('cpu'))}; native bf16: {cpu_has_native_bf16()}")

@@ -83,8 +83,9 @@ def time_steps(device: torch.device, steps: int, workers: int):
         examples, lines = [], 0
         start = time.perf_counter()
         for name in ("train.jsonl", "pretrain.jsonl"):
-            examples += load_jsonl(data / name, processor, 1025, log=lambda *_: None, workers=workers)[0]
-            lines += len((data / name).read_text().splitlines())
+            kept, report = load_jsonl(data / name, processor, 1025, log=lambda *_: None, workers=workers)
+            examples += kept
+            lines += report.kept + sum(report.skipped.values())
         per_line = (time.perf_counter() - start) / lines
         stream = PackedStream([len(e) - 1 for e in examples], 1024, 0)
         for frozen in (True, False):
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = time_synth(args.workers, args.images)
     per_line, per_step = time_steps(device, args.steps, args.workers)
 
-    print(f"{describe_machine(device)}; torch threads {args.threads}, data workers {args.workers}")
+    print(f"{describe_machine(device)}; data workers {args.workers}")
     print(f"measured: {1 / per_image:.0f} images/s written, {1 / per_line:.0f} lines/s encoded, seconds per "
           "training step: " + ", ".join(f"{'frozen encoder' if fr else 'all trained'}"
                                         f"{' bf16' if bf else ' fp32'} {t:.4f}" for (fr, bf), t in per_step.items()))

@@ -98,8 +98,8 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
 def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tuple], steps: int,
                               frozen_encoder: bool, bf16: bool) -> float:
     """The step of `pixtral train` on the embedded default model (forward, backward, gradient
-    clipping, AdamW), timed over `steps` steps after one warm-up; `batch_at(k)` gives step k's batch
-    (a `make_batch` tuple), inside the timing, so that building it counts when the caller builds it there."""
+    clipping, AdamW), timed over `steps` steps after one warm-up. `batch_at(k)` gives step k's batch
+    (a `make_batch` tuple) and is called inside the timing: building batches there counts."""
     from pixtral.assets import DEFAULT_MODEL_DIR
     from pixtral.checkpoint import load_model
     from pixtral.train.trainer import LossModel, freeze

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     ap.add_argument("--n", type=int, default=200, help="number of charts (default 200)")
-    ap.add_argument("--seed", type=int, default=5, help="synthetic data seed (default 5: its --questions some charts are in no training set)")
+    ap.add_argument("--seed", type=int, default=5,
+                    help="synthetic data seed (default 5: its --questions some charts are in no training set)")
     args = ap.parse_args(argv)
     if args.n < 1:
         raise PixtralError(f"--n must be at least 1, got {args.n}")
