@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_cpu_bf16_training.py [--steps 8] [--threads 2]
 
-The step of `pixtral train` (forward, backward, clipping, AdamW) on packed sequences of 1024 tokens of
-synthetic grid-layout data, starting from the embedded default model with its encoder frozen, as in
-its recipe; each way timed over the same batches after one warm-up step. `cpu_bf16: true` pays off
-only where the CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere the trainer falls back
-to float32 (`pixtral.train.trainer.cpu_has_native_bf16`), and this shows why.
+The step of `pixtral train` (forward, backward, clipping, AdamW) on packed sequences of 1024 tokens
+of synthetic grid-layout data, starting from the embedded default model with its encoder frozen at
+the centering start, as in its recipe's first stages; each way timed over the same batches after one
+warm-up step. `cpu_bf16: true` pays off only where the CPU computes in bf16 natively (AVX512-BF16 or
+AMX); elsewhere the trainer falls back to float32 (`pixtral.train.trainer.cpu_has_native_bf16`), and
+this shows why.
 """
 
 from __future__ import annotations

@@ -356,6 +356,40 @@ def test_centering_encoder_init_subtracts_each_images_mean_token():
     assert (out_plain[:12].mean(0).norm() > 0.1 * out_plain[:12].norm(dim=-1).mean()).item()
 
 
+def test_frozen_zero_branches_are_skipped_with_the_same_features_and_gradients():
+    """With the centering start frozen, five of the encoder's six residual branches have all-zero
+    output projections: `skip_zero_branches` marks them, and the features, and the gradients that
+    reach the patch merger and adapter, are bit for bit those of computing every branch. A branch
+    that trains, or a non-zero one, is never skipped."""
+    from pixtral.model import Pixtral
+    from pixtral.model.args import preset
+    from pixtral.train.trainer import freeze, init_weights, skip_zero_branches
+
+    torch.manual_seed(0)
+    model = Pixtral(preset("tiny"))
+    init_weights(model, centering_encoder=True)
+    images = [torch.randn(3, 48, 64), torch.randn(3, 32, 32)]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        features = model.encode_images(images)
+        features.square().sum().backward()
+        return features.detach(), model.vision_language_adapter.w_in.weight.grad.clone()
+
+    assert skip_zero_branches(model) == 0  # everything trains: nothing is skipped
+    reference = run()
+    freeze(model, ["vision_encoder"])
+    layers = model.vision_encoder.transformer.layers
+    assert skip_zero_branches(model) == 2 * len(layers) - 1
+    assert not layers[0].skip_attention and layers[0].skip_feed_forward  # the averaging attention stays
+    assert all(b.skip_attention and b.skip_feed_forward for b in layers[1:])
+    skipped = run()
+    assert torch.equal(skipped[0], reference[0]) and torch.equal(skipped[1], reference[1])
+    with torch.no_grad():
+        layers[1].feed_forward.w2.weight[0, 0] = 1e-3  # no longer zero
+    assert skip_zero_branches(model) == 2 * len(layers) - 2 and not layers[1].skip_feed_forward
+
+
 def test_local_encoder_init_embeds_a_patch_the_same_beside_anything():
     """`model.local_encoder_init`: each patch token leaves the encoder as `ln_pre` of its own
     pixels. The same stroke embeds identically on a plain page and on a page with a large coloured

@@ -42,9 +42,21 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.feed_forward = FeedForward(args.hidden_size, args.intermediate_size)
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        # Set by the trainer (`skip_zero_branches`) on a frozen branch whose output projection is
+        # all zeros, as the centering start leaves five of the six: it adds exactly 0 to x, so
+        # computing it is wasted work (a quarter of a training step with the encoder frozen).
+        self.skip_attention = False
+        self.skip_feed_forward = False
 
     def forward(self, x, rotation, seqlens):
-        return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, seqlens), self.ffn_norm, self.feed_forward)
+        if not (self.skip_attention or self.skip_feed_forward):
+            return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, seqlens), self.ffn_norm,
+                                        self.feed_forward)
+        if not self.skip_attention:
+            x = x + self.attention(self.attention_norm(x), rotation, seqlens)
+        if not self.skip_feed_forward:
+            x = x + self.feed_forward(self.ffn_norm(x))
+        return x
 
 
 class VisionLayers(nn.Module):

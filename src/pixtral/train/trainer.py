@@ -236,6 +236,27 @@ def freeze(model: Pixtral, parts: list[str]) -> None:
                 getattr(model, name).requires_grad_(False)
 
 
+def skip_zero_branches(model: Pixtral) -> int:
+    """Mark the vision encoder's frozen residual branches whose output projection is all zeros
+    (`init_local_encoder` and `init_centering_encoder` start them so, and a frozen encoder keeps
+    them so) to be skipped: each adds exactly 0. Exact, and a quarter of a training step with the
+    centering encoder frozen. A branch with LoRA, or with any parameter training, is left alone.
+    Returns how many branches are skipped."""
+    encoder = getattr(model, "vision_encoder", None)  # a text-only model has none
+    if encoder is None:
+        return 0
+    count = 0
+    for block in encoder.transformer.layers:
+        for branch, out_proj, flag in ((block.attention, "wo", "skip_attention"),
+                                       (block.feed_forward, "w2", "skip_feed_forward")):
+            proj = getattr(branch, out_proj)
+            frozen = not any(p.requires_grad for p in branch.parameters())
+            skip = frozen and type(proj) is nn.Linear and proj.bias is None and not proj.weight.any()
+            setattr(block, flag, bool(skip))
+            count += bool(skip)
+    return count
+
+
 ENCODER_PREFIXES = ("vision_encoder.", "pre_mm_projector_norm.")
 VISION_PREFIXES = ENCODER_PREFIXES + ("patch_merger.", "vision_language_adapter.")
 
@@ -377,6 +398,9 @@ def _train(cfg: TrainConfig, resume: bool, d, log) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("config: nothing to train (everything is frozen)")
+    skipped = skip_zero_branches(model)
+    if skipped:
+        log(f"vision encoder: {skipped} frozen residual branches are zero (they add nothing): not computed")
     n_train = sum(p.numel() for p in trainable)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained")
 
