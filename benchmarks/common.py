@@ -96,13 +96,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
 
 
 def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tuple], steps: int,
-                              frozen_encoder: bool, bf16: bool) -> float:
+                              frozen_encoder: bool, bf16: bool, skip_zero: bool = True) -> float:
     """The step of `pixtral train` on the embedded default model (forward, backward, gradient
     clipping, AdamW), timed over `steps` steps after one warm-up. `batch_at(k)` gives step k's batch
     (a `make_batch` tuple) and is called inside the timing: building batches there counts.
 
     frozen_encoder: the encoder as the recipe's frozen stages have it, the centering start
-    (`model.centering_encoder_init`) frozen, whose zero branches the trainer skips."""
+    (`model.centering_encoder_init`) frozen, whose zero branches the trainer skips (unless
+    `skip_zero` is false)."""
     from pixtral.assets import DEFAULT_MODEL_DIR
     from pixtral.checkpoint import load_model
     from pixtral.train.trainer import LossModel, freeze, init_centering_encoder, skip_zero_branches
@@ -112,7 +113,8 @@ def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tu
     if frozen_encoder:
         init_centering_encoder(model.vision_encoder)
         freeze(model, ["vision_encoder"])
-        skip_zero_branches(model)
+        if skip_zero:
+            skip_zero_branches(model)
     loss_model = LossModel(model, 1e-3).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
