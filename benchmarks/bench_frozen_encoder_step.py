@@ -17,20 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, seconds_per_training_step  # noqa: E402
+from common import describe_machine, packed_training_batches, seconds_per_training_step  # noqa: E402
 
-from pixtral.assets import DEFAULT_MODEL_DIR  # noqa: E402
-from pixtral.data.synth import SynthConfig, write_dataset  # noqa: E402
-from pixtral.processing import Processor  # noqa: E402
-from pixtral.train.data import load_jsonl  # noqa: E402
-from pixtral.train.packing import PackedStream  # noqa: E402
-from pixtral.train.trainer import make_batch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,16 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
 
-    processor = Processor.from_file(DEFAULT_MODEL_DIR / "tekken.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "synth"
-        write_dataset(SynthConfig(out=data, n=300, seed=11, val_frac=0.0, test_frac=0.0, layout="grid",
-                                  questions="all", documents="reading"), progress=False)
-        examples = []
-        for name in ("train.jsonl", "pretrain.jsonl"):
-            examples += load_jsonl(data / name, processor, 1025, log=lambda *_: None)[0]
-        stream = PackedStream([len(e) - 1 for e in examples], 1024, 0)
-        batches = [make_batch([examples[i] for i in stream[s]], processor, "cpu") for s in range(args.steps + 1)]
+    batches = packed_training_batches(args.steps + 1, questions="all", documents="reading")
 
     # The batches are made beforehand: this compares the model's step alone, both ways.
     cpu = torch.device("cpu")

@@ -133,6 +133,31 @@ def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tu
     return (time.perf_counter() - start) / steps
 
 
+def packed_training_batches(count: int, **synth) -> list[tuple]:
+    """`count` training batches (`make_batch` tuples, 1024 packed tokens each) of 300 synthetic
+    grid-layout images (seed 11; `synth` sets the other `SynthConfig` fields), made beforehand so
+    that a timing compares the model's step alone."""
+    import tempfile
+
+    from pixtral.assets import DEFAULT_MODEL_DIR
+    from pixtral.data.synth import SynthConfig, write_dataset
+    from pixtral.processing import Processor
+    from pixtral.train.data import load_jsonl
+    from pixtral.train.packing import PackedStream
+    from pixtral.train.trainer import make_batch
+
+    processor = Processor.from_file(DEFAULT_MODEL_DIR / "tekken.json")
+    with tempfile.TemporaryDirectory() as tmp:  # open throughout: make_batch reads the images
+        data = Path(tmp) / "synth"
+        write_dataset(SynthConfig(out=data, n=300, seed=11, val_frac=0.0, test_frac=0.0, layout="grid", **synth),
+                      progress=False)
+        examples = []
+        for name in ("train.jsonl", "pretrain.jsonl"):
+            examples += load_jsonl(data / name, processor, 1025, log=lambda *_: None)[0]
+        stream = PackedStream([len(e) - 1 for e in examples], 1024, 0)
+        return [make_batch([examples[i] for i in stream[s]], processor, "cpu") for s in range(count)]
+
+
 def describe_machine(device: torch.device) -> str:
     import transformers
 

@@ -240,8 +240,8 @@ def skip_zero_branches(model: Pixtral) -> int:
     """Mark the vision encoder's frozen residual branches whose output projection is all zeros
     (`init_local_encoder` and `init_centering_encoder` start them so, and a frozen encoder keeps
     them so) to be skipped: each adds exactly 0. Exact; a training step with the centering
-    encoder frozen takes 5% less time (benchmarks/bench_frozen_encoder_step.py). A branch with LoRA, or with any parameter training, is left alone.
-    Returns how many branches are skipped."""
+    encoder frozen takes 5% less time (benchmarks/bench_frozen_encoder_step.py). A branch with
+    LoRA, or with any parameter training, is left alone. Returns how many branches are skipped."""
     encoder = getattr(model, "vision_encoder", None)  # a text-only model has none
     if encoder is None:
         return 0
