@@ -24,14 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine  # noqa: E402
-
-import torch  # noqa: E402
-
-from pixtral.data.synth import SynthConfig, write_dataset  # noqa: E402
+from common import describe_machine, write_training_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 5
@@ -48,7 +45,7 @@ def write_config(path: Path, data: Path, out_dir: Path, steps: int) -> Path:
 
 def tokens_per_second(metrics: Path) -> float:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if "tokens" in r and "val_loss" not in r]
+    rows = [r for r in rows if "tokens" in r]  # one per step
     first, timed = rows[WARMUP_STEPS - 1], rows[WARMUP_STEPS:]
     return sum(r["tokens"] for r in timed) / (timed[-1]["elapsed_s"] - first["elapsed_s"])
 
@@ -86,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     rates: dict[str, list[float]] = {name: [] for name in ways}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = tmp / "synth"
-        write_dataset(SynthConfig(out=data, n=600, seed=11, val_frac=0.0, test_frac=0.0, layout="grid",
-                                  questions="all", documents="reading"), progress=False)
+        data = write_training_data(tmp / "synth", 600, questions="all", documents="reading")
         for round_ in range(args.rounds):
             for k, (name, (launcher, threads)) in enumerate(ways.items()):
                 out_dir = tmp / f"run{round_}_{k}"

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, seconds_per_training_step  # noqa: E402
+from common import describe_machine, seconds_per_training_step, write_training_data  # noqa: E402
 
 from pixtral.assets import DEFAULT_MODEL_DIR  # noqa: E402
-from pixtral.data.synth import SynthConfig, write_dataset  # noqa: E402
 from pixtral.processing import Processor  # noqa: E402
 from pixtral.train.config import load_config  # noqa: E402
 from pixtral.train.data import load_jsonl  # noqa: E402
@@ -63,9 +62,7 @@ def time_synth(workers: int, n: int) -> float:
     """Seconds per image written by `pixtral data synth --layout grid --questions all`."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        write_dataset(SynthConfig(out=Path(tmp) / "synth", n=n, seed=12, val_frac=0.0, test_frac=0.0,
-                                  layout="grid", questions="all", documents="ranked", workers=workers),
-                      progress=False)
+        write_training_data(Path(tmp) / "synth", n, seed=12, questions="all", documents="ranked", workers=workers)
         return (time.perf_counter() - start) / n
 
 
@@ -77,9 +74,7 @@ def time_steps(device: torch.device, steps: int, workers: int):
         bf16_options.append(True)
     per_step = {}
     with tempfile.TemporaryDirectory() as tmp:  # open throughout: each step reads its images, as in training
-        data = Path(tmp) / "synth"
-        write_dataset(SynthConfig(out=data, n=400, seed=11, val_frac=0.0, test_frac=0.0, layout="grid",
-                                  questions="all", documents="ranked"), progress=False)
+        data = write_training_data(Path(tmp) / "synth", 400, questions="all", documents="ranked")
         examples, lines = [], 0
         start = time.perf_counter()
         for name in ("train.jsonl", "pretrain.jsonl"):

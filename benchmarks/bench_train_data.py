@@ -21,11 +21,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pixtral.assets import DEFAULT_MODEL_DIR
-from pixtral.data.synth import SynthConfig, write_dataset
-from pixtral.processing import Processor
-from pixtral.processing.images import LOCAL_POLICY
-from pixtral.train.data import load_jsonl
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_training_data  # noqa: E402
+
+from pixtral.assets import DEFAULT_MODEL_DIR  # noqa: E402
+from pixtral.processing import Processor  # noqa: E402
+from pixtral.processing.images import LOCAL_POLICY  # noqa: E402
+from pixtral.train.data import load_jsonl  # noqa: E402
 
 
 def per_prefix(path: Path, processor: Processor) -> list[list[int]]:
@@ -58,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     processor = Processor.from_file(DEFAULT_MODEL_DIR / "tekken.json")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "synth"
-        write_dataset(SynthConfig(out=data, n=args.n, seed=11, val_frac=0.0, test_frac=0.0, layout="grid",
-                                  questions="all", documents="ranked"), progress=False)
+        data = write_training_data(Path(tmp) / "synth", args.n, questions="all", documents="ranked")
         rows = []
         for name in ("train.jsonl", "pretrain.jsonl"):
             path = data / name

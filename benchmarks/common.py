@@ -133,6 +133,17 @@ def seconds_per_training_step(device: torch.device, batch_at: Callable[[int], tu
     return (time.perf_counter() - start) / steps
 
 
+def write_training_data(out: Path, n: int, seed: int = 11, **synth) -> Path:
+    """`n` synthetic grid-layout images with their conversations and documents under `out`, all in
+    the training split (`synth` sets the other `SynthConfig` fields): the data every training
+    benchmark times. Returns `out`."""
+    from pixtral.data.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(out=out, n=n, seed=seed, val_frac=0.0, test_frac=0.0, layout="grid", **synth),
+                  progress=False)
+    return out
+
+
 def packed_training_batches(count: int, **synth) -> list[tuple]:
     """`count` training batches (`make_batch` tuples, 1024 packed tokens each) of 300 synthetic
     grid-layout images (seed 11; `synth` sets the other `SynthConfig` fields), made beforehand so
@@ -140,7 +151,6 @@ def packed_training_batches(count: int, **synth) -> list[tuple]:
     import tempfile
 
     from pixtral.assets import DEFAULT_MODEL_DIR
-    from pixtral.data.synth import SynthConfig, write_dataset
     from pixtral.processing import Processor
     from pixtral.train.data import load_jsonl
     from pixtral.train.packing import PackedStream
@@ -148,9 +158,7 @@ def packed_training_batches(count: int, **synth) -> list[tuple]:
 
     processor = Processor.from_file(DEFAULT_MODEL_DIR / "tekken.json")
     with tempfile.TemporaryDirectory() as tmp:  # open throughout: make_batch reads the images
-        data = Path(tmp) / "synth"
-        write_dataset(SynthConfig(out=data, n=300, seed=11, val_frac=0.0, test_frac=0.0, layout="grid", **synth),
-                      progress=False)
+        data = write_training_data(Path(tmp) / "synth", 300, **synth)
         examples = []
         for name in ("train.jsonl", "pretrain.jsonl"):
             examples += load_jsonl(data / name, processor, 1025, log=lambda *_: None)[0]
