@@ -197,10 +197,11 @@ def build_model(cfg: TrainConfig, out: Path, main: bool):
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether bf16 autocast pays off on this CPU. On an x86 CPU without AVX512-BF16 or AMX it is
-    emulated: a training step of the default model took 6.0 s with it on an AVX2-only EPYC, against
-    0.35 s in float32 (`benchmarks/bench_cpu_bf16_training.py`). Other architectures are taken at
-    their word."""
+    """Whether this CPU computes in bf16 natively. On an x86 CPU without AVX512-BF16 or AMX bf16 is
+    emulated: a training step of the default model took 6.0 s under autocast on an AVX2-only EPYC,
+    against 0.35 s in float32 (`benchmarks/bench_cpu_bf16_training.py`). Native is necessary, not
+    sufficient: 2x faster on a Zen 4, 2.4x slower on a Xeon with AMX. Other architectures are taken
+    at their word."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
