@@ -6,7 +6,7 @@ On the device at hand it times the three things the recipe spends its time on:
   - writing synthetic images (`pixtral data synth --layout grid`, N worker processes),
   - encoding training examples, which every stage does first (mistral-common loads every image),
   - a training step of the default model: 1024 packed tokens, forward, backward, AdamW; with the
-    vision encoder frozen (stages 1-4) and with everything training (stages 5-7), in bf16 autocast
+    vision encoder frozen (stage 1) and with everything training (stages 2-4), in bf16 autocast
     where the stage's config asks for it and the device has it, as `pixtral train` decides.
 It then projects each stage from its config (configs/default_model_stage*.yaml: steps, files,
 freeze, bf16) and the data sizes the script writes, and compares the total with the issue's
@@ -39,14 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 # What scripts/train_default_model.sh writes: images per `pixtral data synth` call, and lines per
 # file the stage configs read (`head -n` files included).
 IMAGES = {"runs/synth_default": 60000, "runs/synth_default_all": 60000, "runs/synth_default_weak": 40000,
-          "runs/synth_grid_heldout": 1700}
+          "runs/synth_default_scenes": 30000, "runs/synth_default_weak7": 20000,
+          "runs/synth_default_tables8": 8000, "runs/synth_default_scenes9": 16000,
+          "runs/synth_default_charts10": 10000, "runs/synth_grid_heldout": 1700}
 LINES = {
     "runs/synth_default/train.jsonl": 54000, "runs/synth_default/val.jsonl": 3000,
     "runs/synth_default/pretrain.jsonl": 54000, "runs/synth_default/pretrain_lookup.jsonl": 54000,
+    "runs/synth_default/pretrain_lookup_head30k.jsonl": 30000, "runs/synth_default/train_head15k.jsonl": 15000,
     "runs/synth_default_all/train.jsonl": 60000, "runs/synth_default_all/pretrain.jsonl": 60000,
-    "runs/synth_default_all/train_head15k.jsonl": 15000,
-    "runs/synth_default_weak/train_head10k.jsonl": 10000, "runs/synth_default_weak/train.jsonl": 40000,
-    "runs/synth_default_weak/pretrain_head10k.jsonl": 10000,
+    "runs/synth_default_all/pretrain_head30k.jsonl": 30000, "runs/synth_default_all/train_head15k.jsonl": 15000,
+    "runs/synth_default_weak/train.jsonl": 40000, "runs/synth_default_weak/pretrain_head10k.jsonl": 10000,
+    "runs/synth_default_scenes/train.jsonl": 30000, "runs/synth_default_weak7/train.jsonl": 20000,
+    "runs/synth_default_tables8/train.jsonl": 8000, "runs/synth_default_scenes9/train.jsonl": 16000,
+    "runs/synth_default_charts10/train.jsonl": 10000, "runs/synth_default_charts10/pretrain.jsonl": 10000,
 }
 TARGET_S = {"cpu": 3 * 3600, "cuda": 10 * 60}
 

@@ -24,7 +24,7 @@ def test_default_model_runs_in_transformers_with_our_logits(tmp_path):
     processor = load_processor(hf_dir)  # the converted folder carries the tokenizer too
     ids, images = processor.encode_chat([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": str(REPO / "examples" / "table.png")}},
-        {"type": "text", "text": "What is the value for Rice in column D?"}]}])
+        {"type": "text", "text": "What is the value for Jam in column C?"}]}])
     with torch.no_grad():
         expected = ours(torch.tensor(ids), images)
         got = hf(input_ids=torch.tensor([ids]), pixel_values=images[0][None],
