@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the embedded default model end to end: about 2 h 55 min on a quiet 2-core Xeon with
+# Reproduce the embedded default model end to end: about 2 h 53 min on a quiet 2-core Xeon with
 # AMX (float32, 2 threads; README "The default model" has the time of each part):
 #   1. synthetic data on the token grid (`--layout grid`), all from seeds never used for the
 #      held-out set (seed 3):
@@ -11,12 +11,12 @@
 #      - seed 6: every question about 30000 diagrams and scenes;
 #      - seed 7: every question about 20000 charts, tables and documents; seed 8: about 8000
 #        tables; seed 9: about 16000 diagrams and scenes; seed 10: about 10000 charts, with ranked
-#        documents,
+#        documents.
 #   2. stage 1, from scratch with the vision encoder frozen, learns to read and answer:
 #      configs/default_model_stage1.yaml (20000 steps),
 #   3. stage 2, from stage 1, everything training, on images stage 1 has not seen:
 #      configs/default_model_stage2.yaml (8000 steps),
-#   4. stage 3, from stage 2, at half the rate, on new images of every category:
+#   4. stage 3, from stage 2, at half stage 2's peak rate, on new images of every category:
 #      configs/default_model_stage3.yaml (6000 steps),
 #   5. stage 4, from stage 3, on new charts with their ranked documents beside stage 3's data:
 #      configs/default_model_stage4.yaml (3000 steps),
@@ -54,7 +54,7 @@ synth $tables8 --n 8000 --seed 8 --val-frac 0 --test-frac 0 --categories tables 
 synth $scenes9 --n 16000 --seed 9 --val-frac 0 --test-frac 0 --categories diagrams,misc --questions all
 synth $charts10 --n 10000 --seed 10 --val-frac 0 --test-frac 0 --categories charts --questions all --documents ranked
 # The first lines of some files: stage 1 reads 30000 of each document kind beside everything else,
-# stages 2-4 keep some of stage 1's kinds of data in the mix.
+# stages 2-4 keep some of seed 1's conversations in the mix.
 head -n 30000 $data/pretrain_lookup.jsonl > $data/pretrain_lookup_head30k.jsonl
 head -n 30000 $every/pretrain.jsonl > $every/pretrain_head30k.jsonl
 head -n 15000 $data/train.jsonl > $data/train_head15k.jsonl
