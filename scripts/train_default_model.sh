@@ -14,7 +14,7 @@
 #        documents.
 #   2. stage 1, from scratch with the vision encoder frozen, learns to read and answer:
 #      configs/default_model_stage1.yaml (20000 steps),
-#   3. stage 2, from stage 1, everything training, on images stage 1 has not seen:
+#   3. stage 2, from stage 1, everything training, mostly on images stage 1 has not seen:
 #      configs/default_model_stage2.yaml (8000 steps),
 #   4. stage 3, from stage 2, at half stage 2's peak rate, on new images of every category:
 #      configs/default_model_stage3.yaml (6000 steps),
