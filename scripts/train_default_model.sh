@@ -37,22 +37,18 @@ synth() {  # output folder, then `pixtral data synth` options; skipped when alre
     $PIXTRAL data synth --out "$@" --workers 2 --layout grid --overwrite --quiet
   fi
 }
+# the three folders the `head -n` files below come from
 data=runs/synth_default
 every=runs/synth_default_all
 weak=runs/synth_default_weak
-scenes=runs/synth_default_scenes
-weak7=runs/synth_default_weak7
-tables8=runs/synth_default_tables8
-scenes9=runs/synth_default_scenes9
-charts10=runs/synth_default_charts10
 synth $data --n 60000 --seed 1 --documents both
 synth $every --n 60000 --seed 1 --val-frac 0 --test-frac 0 --questions all --documents ranked
 synth $weak --n 40000 --seed 5 --val-frac 0 --test-frac 0 --categories charts,tables,documents --questions all --documents ranked
-synth $scenes --n 30000 --seed 6 --val-frac 0 --test-frac 0 --categories diagrams,misc --questions all
-synth $weak7 --n 20000 --seed 7 --val-frac 0 --test-frac 0 --categories charts,tables,documents --questions all
-synth $tables8 --n 8000 --seed 8 --val-frac 0 --test-frac 0 --categories tables --questions all
-synth $scenes9 --n 16000 --seed 9 --val-frac 0 --test-frac 0 --categories diagrams,misc --questions all
-synth $charts10 --n 10000 --seed 10 --val-frac 0 --test-frac 0 --categories charts --questions all --documents ranked
+synth runs/synth_default_scenes --n 30000 --seed 6 --val-frac 0 --test-frac 0 --categories diagrams,misc --questions all
+synth runs/synth_default_weak7 --n 20000 --seed 7 --val-frac 0 --test-frac 0 --categories charts,tables,documents --questions all
+synth runs/synth_default_tables8 --n 8000 --seed 8 --val-frac 0 --test-frac 0 --categories tables --questions all
+synth runs/synth_default_scenes9 --n 16000 --seed 9 --val-frac 0 --test-frac 0 --categories diagrams,misc --questions all
+synth runs/synth_default_charts10 --n 10000 --seed 10 --val-frac 0 --test-frac 0 --categories charts --questions all --documents ranked
 # The first lines of some files: stage 1 reads 30000 of each document kind beside everything else,
 # stages 2-4 keep some of seed 1's conversations in the mix.
 head -n 30000 $data/pretrain_lookup.jsonl > $data/pretrain_lookup_head30k.jsonl
