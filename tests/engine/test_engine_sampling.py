@@ -7,7 +7,7 @@ import torch
 from tiny_model import image_uri, user
 
 from pixtral.engine import LLM
-from pixtral.engine.sampler import batched_probs
+from pixtral.generation.sampling import batched_probs
 from pixtral.generation import SamplingParams, chat
 from pixtral.generation.sampling import filtered_probs, top_logprobs
 

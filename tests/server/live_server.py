@@ -11,18 +11,19 @@ import uvicorn
 
 from pixtral.engine import AsyncEngine, Engine, EngineConfig
 from pixtral.server import ServerConfig, ServerState, build_app
+from pixtral.server.connections import ConnectionLimits, run, uvicorn_config
 
 MODEL_NAME = "tiny-pixtral"
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, limits: ConnectionLimits = ConnectionLimits()):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=run, args=(self.server, [sock]), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

@@ -173,17 +173,20 @@ def _recording(call, calls):
     return wrapper
 
 
-def test_recent_image_encodings_reuse_only_the_same_image(processor, chat_data):
+def test_images_are_encoded_at_load_and_only_the_stand_in_is_kept(processor, chat_data):
     from mistral_common.protocol.instruct.chunk import ImageChunk
     from PIL import Image
 
     path = chat_data.parent / "images" / "train0.png"
     a, b = Image.open(path).convert("RGB"), Image.open(path).convert("RGB")
     enc = processor._image_encoder
-    first = enc(ImageChunk(image=a))
-    assert enc(ImageChunk(image=a)) is first
-    other = enc(ImageChunk(image=b))  # equal pixels, another object: encoded again
+    stand_in = enc.encode_now(a)
+    assert stand_in.size == (1, 1)  # the full-size pixels are not kept
+    first = enc(ImageChunk(image=stand_in))
+    assert enc(ImageChunk(image=stand_in)) is first  # every prefix gets the same encoding
+    other = enc(ImageChunk(image=b))  # an image not loaded by the processor: encoded as usual
     assert other is not first and other.tokens == first.tokens
+    assert (other.image == first.image).all()
     assert enc.special_ids == processor._image_encoder._encoder.special_ids  # attributes pass through
 
 

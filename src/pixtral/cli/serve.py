@@ -12,6 +12,12 @@ GET /v1/models, /health, /metrics). Images are accepted as data: URIs; remote ht
 only with --allow-remote-images (never from loopback or private addresses); local paths never.
 The server answers 503 until the model is loaded.
 
+Limits that keep one client from starving the others: --max-connections (a new connection over
+it closes the longest-idle one, or gets a 503 when all are busy), --header-timeout and
+--body-timeout (a slow or idle client is answered 408 and closed), --max-request-mb, and the
+image decode budget (--image-decode-mpixels, --image-decode-workers: at most that many pixels
+and images decode at once, about 30 bytes a pixel at the peak).
+
 examples:
   pixtral serve --model ~/models/Pixtral-12B-2409 --port 8000
   pixtral serve --model ckpt --host 0.0.0.0 --api-key "$KEY" --allow-remote-images
@@ -28,8 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", help="the 'model' name clients send (default: the checkpoint folder's name)")
-    p.add_argument("--api-key", default=os.environ.get("PIXTRAL_API_KEY"),
+    p.add_argument("--api-key", action=_ApiKey, default=os.environ.get("PIXTRAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PIXTRAL_API_KEY; none: open)")
+    p.set_defaults(api_key_given=False)
     g = p.add_argument_group("images")
     g.add_argument("--allow-remote-images", action="store_true",
                    help="also fetch http(s) image URLs (public addresses only, with size and time limits)")
@@ -38,6 +45,19 @@ def register(subparsers) -> None:
     g.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image, in MB (default 20)")
     g.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds per remote image (default 10)")
     g.add_argument("--max-images-per-request", type=int, default=64, help="default 64")
+    g.add_argument("--image-decode-mpixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                   help=f"megapixels decoded at once, across requests (default {DEFAULT_MAX_PIXELS / 1e6:.1f}: "
+                        "one image at the pixel limit)")
+    g.add_argument("--image-decode-workers", type=int, default=2, help="images decoded at once (default 2)")
+    g = p.add_argument_group("connections")
+    g.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections (default 1024; lowered to fit the open-file limit)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (default 10)")
+    g.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body (default 60)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle connection stays open between requests (default 5)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default: CPU 64, GPU 256)")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default: CPU 2048, GPU 8192)")
@@ -49,6 +69,13 @@ def register(subparsers) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     g.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run the decode step eagerly")
     p.set_defaults(func=run)
+
+
+class _ApiKey(argparse.Action):
+    """--api-key, remembering that it was given (an empty key is refused naming where it came from)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.api_key, namespace.api_key_given = values, True
 
 
 def _positive(name: str, value) -> None:
@@ -69,20 +96,28 @@ def run(args: argparse.Namespace) -> int:
     from pixtral.engine import AsyncEngine
     from pixtral.errors import PixtralError
     from pixtral.processing.images import ImagePolicy
+    from pixtral.processing.images import DecodeBudget
     from pixtral.server import ServerConfig, ServerState, build_app
+    from pixtral.server.connections import ConnectionLimits, raise_file_limit, uvicorn_config
+    from pixtral.server.connections import run as run_server
 
     for name in ("max_image_pixels", "max_image_mb", "remote_image_timeout", "max_images_per_request",
                  "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gib", "max_queue",
-                 "max_request_mb"):
+                 "max_request_mb", "image_decode_mpixels", "image_decode_workers", "max_connections",
+                 "header_timeout", "body_timeout", "keep_alive_timeout"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.api_key is not None and not args.api_key.strip():
+        where = "--api-key" if args.api_key_given else "$PIXTRAL_API_KEY"
+        raise PixtralError(f"{where} is empty: give a key, or leave it out to serve without one")
     if not 0 < args.port < 65536:
         raise PixtralError(f"--port must be in 1..65535, got {args.port}")
     path = Path(args.model).expanduser() if args.model else default_model_dir()
     read_args(find_files(path))  # a wrong path fails now, not after the server has started
     device = resolve_device(args.device)
+    budget = DecodeBudget(max(1, int(args.image_decode_mpixels * 1e6)), args.image_decode_workers)
     policy = ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 2**20),
                          allow_local_files=False, allow_remote=args.allow_remote_images,
-                         block_private_networks=True, timeout_s=args.remote_image_timeout)
+                         block_private_networks=True, timeout_s=args.remote_image_timeout, budget=budget)
     options = {
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "max_waiting": args.max_queue,
@@ -91,10 +126,16 @@ def run(args: argparse.Namespace) -> int:
     }
     config = ServerConfig(model_name=args.served_model_name or path.resolve().name, api_key=args.api_key,
                           image_policy=policy, max_images_per_request=args.max_images_per_request,
-                          max_request_bytes=int(args.max_request_mb * 2**20))
+                          max_request_bytes=int(args.max_request_mb * 2**20), body_timeout_s=args.body_timeout)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_connections = raise_file_limit(args.max_connections)
+    if max_connections < args.max_connections:
+        logging.getLogger("pixtral.server").warning(
+            "--max-connections lowered from %d to %d to stay under the open-file limit", args.max_connections,
+            max_connections)
+    limits = ConnectionLimits(max_connections, args.header_timeout, args.keep_alive_timeout)
     state = ServerState()
-    server = uvicorn.Server(uvicorn.Config(build_app(state, config), host=args.host, port=args.port,
+    server = uvicorn.Server(uvicorn_config(build_app(state, config), limits, host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=5))
     failed = []
 
@@ -107,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         on_error)
     logging.getLogger("pixtral.server").info("serving %r at http://%s:%d/v1 (loading the model...)",
                                              config.model_name, args.host, args.port)
-    server.run()
+    run_server(server)
     if state.engine is not None:
         state.engine.shutdown()
     if failed:

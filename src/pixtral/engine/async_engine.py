@@ -94,6 +94,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
+        _ = engine.processor.max_token_bytes  # the text-length bound, computed now rather than on the first request
         if start:
             self.start()
 
@@ -166,7 +167,7 @@ class AsyncEngine:
     async def chat(self, messages: list[dict], params: SamplingParams, request_id: str | None = None,
                    policy: ImagePolicy | None = None) -> AsyncIterator[OutputDelta]:
         """Stream the deltas of an OpenAI-format conversation (images decoded off the event loop)."""
-        prompt = await asyncio.to_thread(chat_prompt, self.processor, messages, policy)
+        prompt = await asyncio.to_thread(chat_prompt, self.processor, messages, policy, self.max_model_len)
         stream = self.submit(prompt, params, request_id)
         async for delta in stream:
             yield delta

@@ -184,29 +184,90 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> list[OutputDelta]:
-        chunks = self.scheduler.schedule()
+        """Schedule, run the model, sample. Never raises: a failure fails only the requests it can be
+        traced to (each gets an error delta) and the engine goes on with the others."""
+        try:
+            chunks = self.scheduler.schedule()
+        except Exception as exc:  # noqa: BLE001 - scheduler state is shared: start clean, without these
+            log.exception("scheduling failed; failing every request the engine holds")
+            return self._fail(list(self.requests.values()), exc)
         if not chunks:
             return []
         self._steps += 1
         try:
-            features = self._image_features(chunks)
-            logits = self.runner.forward(chunks, features)
-        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
+            return self._run_step(chunks)
+        except Exception as exc:  # noqa: BLE001 - a bug past the per-request handling below
             log.exception("engine step failed")
-            return self._fail([c.request for c in chunks], exc)
+            return self._fail([c.request for c in chunks if not c.request.finished], exc)
+
+    def _run_step(self, chunks: list[ScheduledChunk]) -> list[OutputDelta]:
+        chunks, logits, deltas = self._forward(chunks)
         for c in chunks:
             self.scheduler.computed(c)
             self._prompt_tokens += max(0, min(c.start + c.length, c.request.prompt_len) - c.start)
         sampling = [c.request for c in chunks if c.samples]
-        tokens, logprobs = self.sampler(logits, sampling)
-        deltas = []
-        for req, token, logprob in zip(sampling, tokens, logprobs):
-            delta = req.append_token(token, logprob)
+        if not sampling:
+            return deltas
+        try:
+            tokens, logprobs, errors = self.sampler(logits, sampling)
+        except Exception:  # noqa: BLE001 - find the rows at fault: sample each alone
+            log.exception("sampling a batch of %d failed; sampling each row alone", len(sampling))
+            tokens, logprobs, errors = self._sample_each(logits, sampling)
+        for i, req in enumerate(sampling):
+            if i in errors:
+                deltas += self._fail([req], errors[i])
+                continue
+            try:
+                delta = req.append_token(tokens[i], logprobs[i])
+            except Exception as exc:  # noqa: BLE001 - detokenizing or stop strings failed for this request
+                log.exception("output processing failed for request %s", req.request_id)
+                deltas += self._fail([req], exc)
+                continue
             self._generated += 1
             if delta.finished:
                 self._finish(req)
             deltas.append(delta)
         return deltas
+
+    def _forward(self, chunks: list[ScheduledChunk]
+                 ) -> tuple[list[ScheduledChunk], torch.Tensor | None, list[OutputDelta]]:
+        """Run the step's chunks -> (the chunks that ran, their logits, error deltas of those that failed).
+
+        All chunks go in one pass. If it fails, each chunk runs alone, so that only the requests at
+        fault fail (an image the encoder cannot take, a numerical fault); writing a chunk's keys and
+        values again gives the same cache, so the retries are safe.
+        """
+        try:
+            return chunks, self.runner.forward(chunks, self._image_features(chunks)), []
+        except Exception as exc:  # noqa: BLE001
+            if len(chunks) == 1:
+                log.exception("engine step failed")
+                return [], None, self._fail([chunks[0].request], exc)
+            log.exception("a step of %d chunks failed; running each alone", len(chunks))
+        ran, rows, deltas = [], [], []
+        for c in chunks:
+            try:
+                logits = self.runner.forward([c], self._image_features([c]))
+            except Exception as exc:  # noqa: BLE001
+                deltas += self._fail([c.request], exc)
+                continue
+            ran.append(c)
+            if c.samples:
+                rows.append(logits)
+        return ran, (torch.cat(rows) if rows else None), deltas
+
+    def _sample_each(self, logits: torch.Tensor, requests: list[Request]
+                     ) -> tuple[list[int | None], list, dict[int, Exception]]:
+        tokens, logprobs, errors = [None] * len(requests), [None] * len(requests), {}
+        for i, req in enumerate(requests):
+            try:
+                (tokens[i],), (logprobs[i],), row_errors = self.sampler(logits[i: i + 1], [req])
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = exc
+                continue
+            if row_errors:
+                errors[i] = row_errors[0]
+        return tokens, logprobs, errors
 
     def _image_features(self, chunks: list[ScheduledChunk]) -> dict[bytes, torch.Tensor]:
         """Features of every image this step's chunks touch: cached, or encoded in one packed pass."""
@@ -236,11 +297,20 @@ class Engine:
         self._finished[req.finish_reason] += 1
 
     def _fail(self, requests: list[Request], exc: Exception) -> list[OutputDelta]:
+        """End these requests with an error: the request's own fault (a RequestError) or ours."""
+        if isinstance(exc, RequestError):
+            code, message = "invalid_request", str(exc)
+        else:
+            code, message = "internal_error", f"internal error: {type(exc).__name__}: {exc}"
         deltas = []
         for req in requests:
             req.finish_reason = "error"
-            self._finish(req)
-            deltas.append(req.fill(OutputDelta(req.request_id, error=f"internal error: {type(exc).__name__}: {exc}")))
+            try:
+                self._finish(req)
+            except Exception:  # noqa: BLE001 - its blocks stay lost, but the request still ends
+                log.exception("could not free request %s", req.request_id)
+                self.requests.pop(req.request_id, None)
+            deltas.append(req.fill(OutputDelta(req.request_id, error=message, error_code=code)))
         return deltas
 
     # ------------------------------------------------------------------ introspection

@@ -7,14 +7,48 @@ from typing import Any
 import torch
 
 from pixtral.engine.request import Prompt
-from pixtral.errors import RequestError
+from pixtral.errors import ContextLengthError, RequestError
 from pixtral.processing.images import ImagePolicy
 
 
-def chat_prompt(processor, messages: list[dict[str, Any]], policy: ImagePolicy | None = None) -> Prompt:
-    """OpenAI-format messages -> prompt (images loaded under `policy`, decoded and hashed)."""
+def chat_prompt(processor, messages: list[dict[str, Any]], policy: ImagePolicy | None = None,
+                max_tokens: int | None = None) -> Prompt:
+    """OpenAI-format messages -> prompt (images loaded under `policy`, decoded and hashed).
+
+    With `max_tokens` (the context), a text that cannot fit is refused before anything is
+    tokenized or decoded (`check_text_length`).
+    """
+    if max_tokens is not None:
+        check_text_length(messages, max_tokens, processor.max_token_bytes)
     ids, images = processor.encode_chat(messages, policy)
     return Prompt(ids, images).with_hashes()
+
+
+def text_chars(messages: Any) -> int:
+    """Characters of text in OpenAI-format messages (string contents and text parts), counted
+    without looking at anything else."""
+    n = 0
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):
+            n += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return n
+
+
+def check_text_length(messages: Any, max_tokens: int, max_token_bytes: int) -> None:
+    """Refuse messages whose text alone is surely longer than `max_tokens` tokens, before tokenizing it.
+
+    A character is at least one byte of UTF-8 and a token at most `max_token_bytes` bytes, so a
+    text of n characters is at least n / max_token_bytes tokens: the bound never refuses a text
+    that fits, and costs a length count instead of a tokenization (minutes for a 100 MB body).
+    """
+    chars = text_chars(messages)
+    if chars > max_tokens * max_token_bytes:
+        raise ContextLengthError(
+            f"the messages hold {chars} characters of text, at least {-(-chars // max_token_bytes)} tokens "
+            f"(a token spans at most {max_token_bytes} bytes), but the context holds {max_tokens} tokens")
 
 
 def generate_prompt(processor, prompt: Any) -> Prompt:

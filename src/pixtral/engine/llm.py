@@ -70,7 +70,8 @@ class LLM:
         """One or many OpenAI-format conversations -> one RequestOutput each, in order."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # a single conversation
-        prompts = [chat_prompt(self.processor, list(conv), image_policy) for conv in conversations]
+        limit = min(self.engine.max_model_len, self.engine.kv_capacity)
+        prompts = [chat_prompt(self.processor, list(conv), image_policy, limit) for conv in conversations]
         return self._run(prompts, params)
 
     def generate(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None = None

@@ -26,6 +26,7 @@ class OutputDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None  # with finish_reason "error": what went wrong
+    error_code: str | None = None  # "invalid_request" (the request's fault) or "internal_error"
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -56,6 +57,7 @@ class RequestOutput:
     num_generated_tokens: int = 0
     finished: bool = False
     error: str | None = None
+    error_code: str | None = None
 
     @classmethod
     def start(cls, request_id: str, prompt_token_ids: list[int], want_logprobs: bool) -> "RequestOutput":
@@ -74,3 +76,4 @@ class RequestOutput:
         self.num_generated_tokens = delta.num_generated_tokens
         self.finished = delta.finished
         self.error = delta.error
+        self.error_code = delta.error_code

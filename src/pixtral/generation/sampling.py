@@ -1,10 +1,24 @@
-"""Pick the next token from logits: greedy, or temperature with top-k / top-p."""
+"""Pick the next token from logits: greedy, or temperature with top-k / top-p.
+
+One filter for every path: the engine filters many rows at once with `batched_probs`, and the
+one-row reference loop calls the same function on a batch of one. The filter is safe for every
+value `SamplingParams` accepts: a temperature below `GREEDY_TEMPERATURE` means greedy (dividing
+by it would overflow float32 logits), top-k is clamped to the vocabulary, and top-p always keeps
+the most likely token (a tiny top_p rounds to 0 in float32, which would otherwise drop them all).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from pixtral.generation.params import SamplingParams
+from pixtral.errors import PixtralError
+from pixtral.generation.params import GREEDY_TEMPERATURE, SamplingParams
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+class NonFiniteLogitsError(PixtralError):
+    """The model produced NaN or +inf logits for a sequence (a numerical fault, not the request's)."""
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -16,25 +30,57 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return gen
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Softmax over logits [V] / temperature, restricted to the top-k and the top-p nucleus."""
-    logits = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
+def parameter_tensors(params: list[SamplingParams], vocab: int, device: torch.device | str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temperature, top-k and top-p of each row as tensors, with top_k clamped to the vocabulary
+    (the API accepts any integer, and torch.tensor overflows past 2**63)."""
+    return (torch.tensor([p.temperature for p in params], device=device, dtype=torch.float64).float(),
+            torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long),
+            torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32))
+
+
+def batched_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Rows of logits [B, V] -> probabilities: softmax(logits / temperature) within top-k and top-p."""
+    temperature = temperature.float().clamp(min=GREEDY_TEMPERATURE, max=FLOAT32_MAX)
+    logits = logits.float() / temperature[:, None]
+    vocab = logits.shape[-1]
+    use_k = (top_k > 0) & (top_k < vocab)
+    use_p = top_p < 1.0
+    if not bool(use_k.any() or use_p.any()):
+        return torch.softmax(logits, dim=-1)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    if bool(use_k.any()):
+        kth = sorted_logits.gather(1, (top_k.clamp(1, vocab) - 1)[:, None])
+        kth = torch.where(use_k[:, None], kth, torch.full_like(kth, float("-inf")))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    if bool(use_p.any()):
+        sorted_probs = probs.gather(1, order)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = cumulative - sorted_probs >= params.top_p
+        # Keep the smallest prefix whose mass reaches top_p, and always the most likely token.
+        drop = (cumulative - sorted_probs >= top_p[:, None]) & use_p[:, None]
+        drop[:, 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum()
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row of logits [V] -> probabilities, by the batched filter."""
+    t, k, p = parameter_tensors([params], logits.shape[-1], logits.device)
+    return batched_probs(logits[None], t, k, p)[0]
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows free of NaN and +inf (-inf is a legitimate 'never' for a token)."""
+    return ~(torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    if not bool(finite_rows(logits[None])[0]):
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this sequence")
     if params.greedy:
         return int(torch.argmax(logits))
     probs = filtered_probs(logits, params)
@@ -45,6 +91,7 @@ def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[
     """Log-probability of the chosen token and the k most likely alternatives."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     alternatives = []
+    k = min(k, logp.shape[-1])
     if k:
         values, ids = torch.topk(logp, k)
         alternatives = [(int(i), float(v)) for i, v in zip(ids, values)]

@@ -4,19 +4,31 @@ Every failure becomes an `ImageError` naming the image and the problem. The pixe
 checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
 What may be loaded is a policy: the CLI reads local files; the server reads only data: URIs
 unless remote images are allowed, and then never from loopback or private networks.
+
+Decoding is bounded process-wide by the policy's `DecodeBudget`: at most `max_images` images
+and `max_pixels` pixels are decoded (and preprocessed, see `Processor`) at once; the others
+wait their turn. A decoded image and its preprocessing take up to about 30 bytes a pixel
+(mistral-common converts to float32 at full size before it resizes), so the budget bounds the
+memory a burst of large images can take; when the last large image of a burst is done, the
+freed memory is handed back to the system (glibc keeps it otherwise).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import ctypes.util
 import io
 import ipaddress
 import re
 import socket
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
@@ -26,6 +38,72 @@ from pixtral.errors import ImageError, ImageTooLargeError
 
 # PIL's own decompression-bomb threshold: 1024 * 1024 * 1024 // 4 // 3 ≈ 89.5 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
+TRIM_AFTER_PIXELS = 4_000_000  # return freed memory to the system after a burst with an image this large
+
+
+class DecodeBudget:
+    """At most `max_images` images and `max_pixels` pixels being decoded at once, across threads."""
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = 2):
+        if max_pixels < 1 or max_images < 1:
+            raise ValueError(f"a decode budget needs max_pixels >= 1 and max_images >= 1, got {max_pixels}, {max_images}")
+        self.max_pixels, self.max_images = max_pixels, max_images
+        self.pixels = self.images = 0
+        self._largest = 0  # the largest image of the current burst
+        self._cond = threading.Condition()
+
+    def __reduce__(self):
+        # Pickled with a policy (data-loading workers): the default stays the receiving process's
+        # default; another budget becomes one with the same limits there.
+        if self is DEFAULT_BUDGET:
+            return _default_budget, ()
+        return DecodeBudget, (self.max_pixels, self.max_images)
+
+    @contextlib.contextmanager
+    def reserve(self, size: tuple[int, int]) -> Iterator[None]:
+        """Wait until an image of `size` (width, height) fits the budget, and hold it meanwhile.
+        An image larger than the whole budget runs alone."""
+        pixels = min(size[0] * size[1], self.max_pixels)
+        with self._cond:
+            self._cond.wait_for(lambda: self.images < self.max_images and self.pixels + pixels <= self.max_pixels)
+            self.pixels += pixels
+            self.images += 1
+            self._largest = max(self._largest, pixels)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.pixels -= pixels
+                self.images -= 1
+                trim = self.images == 0 and self._largest >= TRIM_AFTER_PIXELS
+                if self.images == 0:
+                    self._largest = 0
+                self._cond.notify_all()
+            if trim:
+                release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_libc = _load_libc()
+DEFAULT_BUDGET = DecodeBudget()
+
+
+def _default_budget() -> DecodeBudget:
+    return DEFAULT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -38,6 +116,7 @@ class ImagePolicy:
     timeout_s: float = 10.0
     max_redirects: int = 3
     base_dir: Path | None = None  # relative paths resolve against this (e.g. a JSONL file's folder)
+    budget: DecodeBudget = field(default=DEFAULT_BUDGET, compare=False)  # shared by every policy that names it
 
 
 LOCAL_POLICY = ImagePolicy()
@@ -56,9 +135,17 @@ def describe(source: object) -> str:
 
 def load_image(source: object, policy: ImagePolicy = LOCAL_POLICY) -> Image.Image:
     """Return a fully decoded PIL image, or raise ImageError naming the problem."""
+    image, name = open_image(source, policy)
+    with policy.budget.reserve(image.size):
+        return decode_pixels(image, name)
+
+
+def open_image(source: object, policy: ImagePolicy = LOCAL_POLICY) -> tuple[Image.Image, str]:
+    """(image, its name for messages): the header read and checked against the policy, no pixel
+    decoded yet (`decode_pixels` does that, under `policy.budget`)."""
     if isinstance(source, Image.Image):
         _check_pixels(source, describe(source), policy)
-        return source
+        return source, describe(source)
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
@@ -74,20 +161,17 @@ def load_image(source: object, policy: ImagePolicy = LOCAL_POLICY) -> Image.Imag
         data = _read_local(source, policy)
     else:
         raise ImageError(f"unsupported image URL scheme {scheme!r} in {describe(source)} (use a path, file://, http(s):// or data:)")
-    return decode_image_bytes(data, describe(source), policy)
+    name = describe(source)
+    return open_image_bytes(data, name, policy), name
 
 
-def decode_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLICY) -> Image.Image:
+def open_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLICY) -> Image.Image:
     if not data:
         raise ImageError(f"{name}: empty image data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_pixels(image, name, policy)  # header only: nothing decoded yet
-            image.load()
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL refuses before we see the size; its message carries the pixel count.
         found = re.search(r"\((\d+) pixels\)", str(exc))
@@ -97,6 +181,16 @@ def decode_image_bytes(data: bytes, name: str, policy: ImagePolicy = LOCAL_POLIC
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+    _check_pixels(image, name, policy)  # header only: nothing decoded yet
+    return image
+
+
+def decode_pixels(image: Image.Image, name: str) -> Image.Image:
+    """Decode an opened image's pixels (a no-op for an image in memory)."""
+    try:
+        image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
     return image

@@ -8,6 +8,7 @@ and returns what `encode_chat_completion` produces as torch tensors.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from pixtral.errors import ConfigError, ImageError, RequestError
-from pixtral.processing.images import LOCAL_POLICY, ImagePolicy, load_image
+from pixtral.processing.images import LOCAL_POLICY, ImagePolicy, decode_pixels, open_image
 
 
 class Processor:
@@ -32,7 +33,7 @@ class Processor:
         self._text = tokenizer.instruct_tokenizer.tokenizer
         self._image_encoder = getattr(tokenizer.instruct_tokenizer, "image_encoder", None)
         if self._image_encoder is not None:
-            self._image_encoder = tokenizer.instruct_tokenizer.image_encoder = RecentImageEncodings(self._image_encoder)
+            self._image_encoder = tokenizer.instruct_tokenizer.image_encoder = EncodedAtLoad(self._image_encoder)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -58,6 +59,11 @@ class Processor:
     @property
     def vocab_size(self) -> int:
         return self._text.n_words
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n bytes is at least n / this many tokens."""
+        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
 
     @property
     def image_token_ids(self) -> dict[str, int] | None:
@@ -157,15 +163,17 @@ class Processor:
             raise RequestError(f"{where}: this model's tokenizer has no image support")
         return chunks
 
-    @staticmethod
-    def _load_part_image(part: dict, here: str, policy: ImagePolicy) -> Image.Image:
+    def _load_part_image(self, part: dict, here: str, policy: ImagePolicy) -> Image.Image:
         ref = part.get("image_url", part.get("image"))
         if isinstance(ref, dict):
             ref = ref.get("url")
         if ref is None:
             raise RequestError(f"{here}: image part needs 'image_url': {{'url': ...}}")
         try:
-            return load_image(ref, policy)
+            image, name = open_image(ref, policy)
+            with policy.budget.reserve(image.size):
+                decode_pixels(image, name)
+                return self._image_encoder.encode_now(image) if self._image_encoder is not None else image
         except ImageError as exc:
             raise type(exc)(f"{here}: {exc}") from None  # keep the subtype (e.g. too large)
 
@@ -223,34 +231,34 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-class RecentImageEncodings:
-    """mistral-common's image encoder, remembering its last few results by image object.
+class EncodedAtLoad:
+    """mistral-common's image encoder, run when an image is loaded rather than when the prompt is built.
 
-    Training data encodes each prefix of a conversation that ends with a user turn, and each prefix
-    holds the same images: resizing and normalising an image again for every prefix cost more than
-    all the tokenizing (measured: 24.8 s per 1000 four-question conversations before, most of it
-    image work). The key is the image object itself, held here, so a result is reused only for the
-    very same image, never for an equal-looking one.
+    `encode_now` preprocesses a decoded image at once, while it holds the decode budget, and
+    returns a 1x1 stand-in that carries the result; the full-size pixels are freed before the
+    next image of the request is decoded, so a request never holds more than the processor's
+    output. When mistral-common later builds the prompt it calls this encoder with the stand-in,
+    and gets the stored encoding back. Every prefix of a conversation (training encodes each)
+    holds the same stand-in, so each image is preprocessed once. Any other image goes to the
+    wrapped encoder as usual.
     """
 
-    def __init__(self, encoder, size: int = 8):
+    KEY = "pixtral.image_encoding"
+
+    def __init__(self, encoder):
         self._encoder = encoder
-        self._size = size
-        self._recent: list[tuple[Image.Image, Any]] = []
 
     def __getattr__(self, name: str):  # special_ids, image_config, ... of the wrapped encoder
-        if name.startswith("__") or name in ("_encoder", "_size", "_recent"):
+        if name.startswith("__") or name == "_encoder":
             raise AttributeError(name)
         return getattr(self._encoder, name)
 
+    def encode_now(self, image: Image.Image) -> Image.Image:
+        stand_in = Image.new("RGB", (1, 1))
+        stand_in.info[self.KEY] = self._encoder(ImageChunk(image=image))
+        return stand_in
+
     def __call__(self, chunk):
         image = getattr(chunk, "image", None)
-        if not isinstance(image, Image.Image):
-            return self._encoder(chunk)
-        recent = self._recent  # one read: another thread may replace the list meanwhile
-        for seen, encoding in recent:
-            if seen is image:
-                return encoding
-        encoding = self._encoder(chunk)
-        self._recent = [(image, encoding), *recent[: self._size - 1]]
-        return encoding
+        encoding = image.info.get(self.KEY) if isinstance(image, Image.Image) else None
+        return encoding if encoding is not None else self._encoder(chunk)

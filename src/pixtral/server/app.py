@@ -8,6 +8,12 @@
 Every error is OpenAI's JSON error shape with a status that says whose fault it is. The body
 is parsed here, not by FastAPI, so that size limits, invalid JSON and invalid fields each get
 their own clear message. A client that goes away cancels its request.
+
+Checks run cheapest first, so that a bad request costs little: the body's size (while it is
+read, within `body_timeout_s`), JSON and field types, text that UTF-8 cannot encode, the
+parameters, a bound on the text's length from its character count (a text too long for the
+context fails before it is tokenized), and only then the images, decoded in a small pool of
+their own under the image policy's decode budget.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +38,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixtral.engine.async_engine import AsyncEngine, RequestStream
-from pixtral.engine.inputs import chat_prompt
+from pixtral.engine.inputs import chat_prompt, check_text_length
 from pixtral.engine.outputs import RequestOutput
 from pixtral.errors import PixtralError
 from pixtral.processing.images import SERVER_POLICY, ImagePolicy
 from pixtral.server import metrics
-from pixtral.server.errors import APIError, error_body, from_pixtral_error
+from pixtral.server.errors import APIError, encodable, error_body, from_pixtral_error
 from pixtral.server.protocol import (ChatCompletionRequest, ResponseMeta, chunk, completion_response, count_images,
                                      logprobs_content, model_card, usage_chunk)
 
@@ -49,6 +57,7 @@ class ServerConfig:
     image_policy: ImagePolicy = SERVER_POLICY  # data: URIs only, unless remote images are allowed
     max_images_per_request: int = 64
     max_request_bytes: int = 100 * 2**20
+    body_timeout_s: float = 60.0  # to send the whole request body
 
 
 class ServerState:
@@ -88,6 +97,10 @@ class ServerState:
 def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="pixtral", docs_url=None, redoc_url=None, openapi_url=None)
+    # Requests with images are prepared here, never in the shared thread pool: a burst of them then
+    # waits its turn without holding up text requests, and no more images decode at once than the
+    # budget lets through anyway.
+    image_pool = ThreadPoolExecutor(config.image_policy.budget.max_images, thread_name_prefix="pixtral-images")
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -145,7 +158,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
         engine = state.require_engine()
-        req = parse_request(await read_json(request, config.max_request_bytes))
+        req = parse_request(await read_json(request, config.max_request_bytes, config.body_timeout_s))
         if req.model != config.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
                            code="model_not_found", param="model")
@@ -160,7 +173,12 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         except PixtralError as exc:
             raise from_pixtral_error(exc) from None
         try:
-            prompt = await run_in_threadpool(chat_prompt, engine.processor, req.messages, config.image_policy)
+            check_text_length(req.messages, engine.max_model_len, engine.processor.max_token_bytes)
+            if n_images:
+                prompt = await asyncio.get_running_loop().run_in_executor(
+                    image_pool, chat_prompt, engine.processor, req.messages, config.image_policy)
+            else:
+                prompt = await run_in_threadpool(chat_prompt, engine.processor, req.messages, config.image_policy)
         except PixtralError as exc:
             raise from_pixtral_error(exc, param="messages") from None
         try:
@@ -176,32 +194,72 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         if out is None:
             return Response(status_code=499)  # nobody is listening any more
         if out.error:
-            raise APIError(500, out.error, code="internal_error")
+            raise APIError(400 if out.error_code == "invalid_request" else 500, out.error,
+                           code=out.error_code or "internal_error")
         return JSONResponse(completion_response(meta, out, engine.processor))
 
     return app
 
 
 # ---------------------------------------------------------------------- helpers
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(request: Request, limit: int, timeout_s: float = 60.0) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {int(declared)} bytes, over the limit of {limit}",
                        code="request_too_large")
+    try:
+        body = await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body)  # a bytearray: no copy of a large body
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    del body
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    where = find_surrogate(data)
+    if where is not None:
+        raise APIError(400, f"'{where}': invalid Unicode (a lone surrogate, which UTF-8 cannot encode)",
+                       code="invalid_request", param=where)
+    return data
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
             raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-    if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-    return data
+    return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string (value or key) holding a lone surrogate, or None.
+
+    JSON may spell one as an escape (\\ud800), and Python's JSON decoder lets it through; nothing
+    downstream (tokenizer, URL parser, our JSON encoder) can take it.
+    """
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return where or "body"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                here = f"{where}.{key}" if where else str(key)
+                if _SURROGATE.search(key):
+                    return encodable(here)
+                stack.append((sub, here))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{where}.{i}") for i, sub in enumerate(item))
+    return None
 
 
 def parse_request(body: dict[str, Any]) -> ChatCompletionRequest:
@@ -231,7 +289,8 @@ async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, pr
         async for delta in stream:
             last = delta
             if delta.error:
-                yield event(error_body(500, delta.error, code="internal_error"))
+                status = 400 if delta.error_code == "invalid_request" else 500
+                yield event(error_body(status, delta.error, code=delta.error_code or "internal_error"))
                 break
             if delta.text or delta.logprobs:
                 logprobs = {"content": logprobs_content(processor, delta.logprobs)} if delta.logprobs else None

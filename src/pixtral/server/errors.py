@@ -2,7 +2,9 @@
 
 400 a bad request (the message names the field or limit), 401 a missing or wrong API key,
 404 an unknown model or route, 413 a body or image over its size limit, 429 a full queue,
-503 an engine that is loading or stopped, 500 a bug (the message says so).
+408 a request that did not arrive in time, 503 an engine that is loading or stopped or a server at
+its connection limit, 500 a bug (the message says so). Messages are always encodable: what a
+request held that UTF-8 cannot encode is echoed as escapes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pixtral.errors import ContextLengthError, ImageError, ImageTooLargeError, R
 
 TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
     422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
 }
 
@@ -36,8 +38,14 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": encodable(message), "type": TYPES.get(status, "invalid_request_error"),
+                      "param": encodable(param) if param is not None else None, "code": code}}
+
+
+def encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates echoed from a request) written as escapes,
+    so that an error message is always valid JSON."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def from_pixtral_error(exc: Exception, param: str | None = None) -> APIError:
