@@ -16,7 +16,7 @@ Limits that keep one client from starving the others: --max-connections (a new c
 it closes the longest-idle one, or gets a 503 when all are busy), --header-timeout and
 --body-timeout (a slow or idle client is answered 408 and closed), --max-request-mb, and the
 image decode budget (--image-decode-mpixels, --image-decode-workers: at most that many pixels
-and images decode at once, about 30 bytes a pixel at the peak).
+and images decode at once, up to about 25 bytes a pixel at the peak).
 
 examples:
   pixtral serve --model ~/models/Pixtral-12B-2409 --port 8000

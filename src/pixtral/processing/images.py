@@ -7,7 +7,7 @@ unless remote images are allowed, and then never from loopback or private networ
 
 Decoding is bounded process-wide by the policy's `DecodeBudget`: at most `max_images` images
 and `max_pixels` pixels are decoded (and preprocessed, see `Processor`) at once; the others
-wait their turn. A decoded image and its preprocessing take up to about 30 bytes a pixel
+wait their turn. A decoded image and its preprocessing take up to about 25 bytes a pixel
 (mistral-common converts to float32 at full size before it resizes), so the budget bounds the
 memory a burst of large images can take; when the last large image of a burst is done, the
 freed memory is handed back to the system (glibc keeps it otherwise).
