@@ -18,7 +18,7 @@ from pixtral.generation import SamplingParams
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 NAN_TOKEN = 5000
 FAULT_TOKEN = 6000
-FAULT_PIXEL = 7.0
+FAULT_IMAGE = (40, 40)  # preprocessed to 48 x 48, the size the faulty vision encoder fails on
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def texts(outs):
 @pytest.fixture(scope="module")
 def faulty_llm(model, processor):
     """The tiny model with two faults built in: its embedding raises on FAULT_TOKEN, its vision
-    encoder on an image whose first pixel is FAULT_PIXEL (as a bug or a device error would)."""
+    encoder on a 48 x 48 image (as a bug or a device error would)."""
     faulty = copy.deepcopy(model)
 
     def embedding_fault(module, args):
@@ -51,7 +51,7 @@ def faulty_llm(model, processor):
 
     def vision_fault(module, args):
         images = args[0]
-        if any(float(img.flatten()[0]) == FAULT_PIXEL for img in images):
+        if any(tuple(img.shape[-2:]) == (48, 48) for img in images):
             raise RuntimeError("vision encoder fault")
 
     faulty.tok_embeddings.register_forward_pre_hook(embedding_fault)
@@ -63,11 +63,9 @@ def test_a_fault_in_the_step_fails_only_its_request(faulty_llm, processor):
     good = [[user(f"Question {i}?", image_uri(i))] for i in range(3)]
     alone = texts(faulty_llm.chat(good, GREEDY))
     prompts = [dict(zip(("prompt_token_ids", "images"), processor.encode_chat(g))) for g in good]
-    ids, images = processor.encode_chat(good[0])
-    bad_image = images[0].contiguous().clone()
-    bad_image.view(-1)[0] = FAULT_PIXEL
+    ids, images = processor.encode_chat([user("Question?", image_uri(9, FAULT_IMAGE))])
     bad_text = {"prompt_token_ids": [1, 22, FAULT_TOKEN, 33]}
-    outs = faulty_llm.generate([prompts[0], {"prompt_token_ids": ids, "images": [bad_image]}, prompts[1],
+    outs = faulty_llm.generate([prompts[0], {"prompt_token_ids": ids, "images": images}, prompts[1],
                                 bad_text, prompts[2]], GREEDY)
     for i, what in ((1, "vision encoder fault"), (3, "embedding fault")):
         assert outs[i].error_code == "internal_error" and what in outs[i].error
@@ -126,3 +124,29 @@ def test_extreme_but_valid_sampling_values_sample_normally_beside_others(llm, va
 def test_values_outside_the_ranges_are_refused_naming_the_field(values, field):
     with pytest.raises(RequestError, match=f"^'{field}'"):
         SamplingParams(**values)
+
+
+def test_pixtral_eval_fails_only_the_conversation_the_engine_failed(faulty_llm, tiny_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixtral.eval.backends import LocalBackend, RequestFailed
+
+    backend = LocalBackend(str(tiny_dir), max_batch=4, gather_s=0.5)
+    backend.llm = faulty_llm  # the same engine code, over the faulty model
+    good = [[user(f"Question {i}?", image_uri(i))] for i in range(3)]
+    bad = [user("Question?", image_uri(9, FAULT_IMAGE))]
+    expected = [o.outputs[0].text for o in faulty_llm.chat(good, SamplingParams(temperature=0, max_tokens=6))]
+
+    def ask(messages):
+        try:
+            return backend.complete(messages, max_tokens=6, temperature=0.0)
+        except RequestFailed as exc:
+            return exc
+
+    try:
+        with ThreadPoolExecutor(4) as pool:  # one batch: the bad conversation among the good ones
+            answers = list(pool.map(ask, [good[0], bad, good[1], good[2]]))
+    finally:
+        backend.close()
+    assert isinstance(answers[1], RequestFailed) and "vision encoder fault" in str(answers[1])
+    assert [answers[0], answers[2], answers[3]] == expected

@@ -239,9 +239,8 @@ class LocalBackend:
         params = self._sampling_cls(temperature=temperature, max_tokens=max_tokens)
         try:
             outputs = self.llm.chat([r[0] for r in requests], params)
-            texts = [out.outputs[0].text for out in outputs]
-            if len(texts) != len(requests):
-                raise RuntimeError(f"engine returned {len(texts)} outputs for {len(requests)} conversations")
+            if len(outputs) != len(requests):
+                raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(requests)} conversations")
         except Exception as exc:  # isolate the failing conversation
             if len(requests) > 1:
                 for request in requests:
@@ -249,5 +248,8 @@ class LocalBackend:
                 return
             requests[0][3].set_exception(RequestFailed(f"engine error: {type(exc).__name__}: {exc}"))
             return
-        for request, text in zip(requests, texts):
-            request[3].set_result(text)
+        for request, out in zip(requests, outputs):
+            if out.error:  # the engine failed this conversation alone; the others of the batch stand
+                request[3].set_exception(RequestFailed(f"engine error: {out.error}"))
+            else:
+                request[3].set_result(out.outputs[0].text)
