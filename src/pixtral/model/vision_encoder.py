@@ -44,7 +44,7 @@ class VisionBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
         # Set by the trainer (`skip_zero_branches`) on a frozen branch whose output projection is
         # all zeros, as the centering start leaves five of the six: it adds exactly 0 to x, so
-        # computing it is wasted work (5% of a training step, benchmarks/bench_frozen_encoder_step.py).
+        # computing it is wasted work (5% of a training step, research/benchmarks/bench_frozen_encoder_step.py).
         self.skip_attention = False
         self.skip_feed_forward = False
 

@@ -29,7 +29,7 @@ TITLE = 26  # font size (view px) of titles
 # The token grid (layout="grid"): the default model merges its 16-px patches 2x2, so each of its
 # image tokens covers a CELL x CELL square of the view. A glyph drawn inside one cell is read from
 # one token; a glyph that straddles cells, at a different offset in every image, the model reads
-# far worse (scripts/aligned_glyph_grid_data.py: 96% of glyphs read after 2000 steps in cells,
+# far worse (research/scripts/aligned_glyph_grid_data.py: 96% of glyphs read after 2000 steps in cells,
 # 5% at loose positions). In grid layouts every image is a whole number of cells each way at VIEW,
 # and every label, value and object is centred in a cell (or a block of cells).
 CELL = 32
