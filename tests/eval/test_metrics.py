@@ -1,4 +1,4 @@
-"""Metric unit tests built from the spec's examples (shared/spec/evaluation.md §2.4-2.6)."""
+"""Metric unit tests built from the examples in docs/evaluation.md (parsing levels, metrics, released harness)."""
 
 import pytest
 

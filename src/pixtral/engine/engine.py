@@ -19,6 +19,7 @@ import torch
 from pixtral.engine.block_allocator import BlockAllocator
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.encoder_cache import EncoderCache
+from pixtral.engine.fusion import fuse
 from pixtral.engine.kv_cache import PagedKVCache, num_blocks_for, profile_activation_bytes
 from pixtral.engine.model_runner import ModelRunner
 from pixtral.engine.outputs import OutputDelta
@@ -30,43 +31,6 @@ from pixtral.generation.generate import max_new_tokens
 from pixtral.generation.params import SamplingParams
 
 log = logging.getLogger("pixtral.engine")
-
-
-def enable_fused_kernels(model) -> bool:
-    """Switch the model to its fused Triton kernels if they run here and agree with the eager code.
-
-    A short forward pass (text and, for a vision model, one small image) runs both ways first:
-    a kernel that fails to compile on this GPU or computes something else leaves the model on
-    the eager path, with a warning, instead of taking the engine down or serving wrong tokens.
-    """
-    from pixtral.model import fused_ops
-
-    if fused_ops.triton is None:
-        return False
-    device = model.tok_embeddings.weight.device
-    images = []
-    if model.args.vision is not None:
-        side = model.args.vision.patch_size * model.args.vision.spatial_merge_size * 2
-        images = [torch.randn(3, side, side, generator=torch.Generator().manual_seed(0)).to(device)]
-    slots = [model.image_token_id] * sum(model.image_token_counts(images)) if images else []
-    text = torch.arange(16) * 7 % model.args.vocab_size
-    ids = torch.tensor([1] + slots + text.tolist(), device=device)
-    try:
-        with torch.inference_mode():
-            model.use_fused_kernels(False)
-            eager = model(ids, images)
-            model.use_fused_kernels(True)
-            fused = model(ids, images)
-        error = ((fused - eager).abs().mean() / eager.abs().mean().clamp(min=1e-6)).item()
-    except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
-        model.use_fused_kernels(False)
-        log.warning("fused Triton kernels disabled: they failed on this device (%s: %s)", type(exc).__name__, exc)
-        return False
-    if not error < 0.05:  # rounding-level differences are far below this; a wrong kernel is far above
-        model.use_fused_kernels(False)
-        log.warning("fused Triton kernels disabled: their logits differ from the eager code's by %.3g (relative)", error)
-        return False
-    return True
 
 
 @dataclass
@@ -90,14 +54,10 @@ class EngineStats:
 class Engine:
     def __init__(self, model, processor, config: EngineConfig | None = None):
         self.model, self.processor = model, processor
-        weight = model.tok_embeddings.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.config = cfg = (config or EngineConfig()).resolved(self.device)
-        if self.device.type == "cuda" and cfg.fuse_projections and hasattr(model, "fuse_projections"):
-            model.fuse_projections()
-        self.fused_kernels = False
-        if self.device.type == "cuda" and cfg.triton_kernels and hasattr(model, "use_fused_kernels"):
-            self.fused_kernels = enable_fused_kernels(model)
+        if self.device.type == "cuda":
+            fuse(model, projections=cfg.fuse_projections, kernels=cfg.triton_kernels)
 
         reserved = 0
         if self.device.type == "cuda" and cfg.num_blocks is None and cfg.kv_cache_bytes is None:

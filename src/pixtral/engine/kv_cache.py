@@ -41,12 +41,11 @@ def num_blocks_for(model, config: EngineConfig, reserved_bytes: int = 0) -> int:
     """How many blocks fit the budget: explicit count, explicit bytes, or what the device has left."""
     if config.num_blocks is not None:
         return config.num_blocks
-    weight = model.tok_embeddings.weight
-    per_block = bytes_per_block(model.args, config.block_size, weight.dtype)
+    per_block = bytes_per_block(model.args, config.block_size, model.dtype)
     budget = config.kv_cache_bytes
     if budget is None:
-        if weight.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(weight.device)
+        if model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(model.device)
             in_use = total - free
             budget = int(total * config.gpu_memory_utilization) - in_use - reserved_bytes
         else:
@@ -62,7 +61,7 @@ def num_blocks_for(model, config: EngineConfig, reserved_bytes: int = 0) -> int:
 
 def profile_activation_bytes(model, config: EngineConfig) -> int:
     """GPU: peak memory of the largest step (a full prefill chunk) beyond what is allocated now."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     if device.type != "cuda":
         return 0
     from pixtral.model.attention import PackedCausal

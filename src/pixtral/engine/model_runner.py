@@ -24,7 +24,7 @@ from pixtral.engine.scheduler import ScheduledChunk
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, config: EngineConfig, max_model_len: int):
         self.model, self.cache, self.config = model, cache, config
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             from pixtral.engine.cuda_graphs import CudaGraphDecoder
@@ -53,8 +53,8 @@ class ModelRunner:
                 return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])
-        h = self.model.tok_embeddings(torch.from_numpy(ids).to(self.device))
-        h = self._insert_image_features(h, chunks, features)
+        slots, rows = self._image_rows(chunks, features)
+        h = self.model.embed(torch.from_numpy(ids).to(self.device), rows, slots)
         ctx = PagedAttention(self.cache, [SeqChunk(c.start, c.length, c.request.block_ids) for c in chunks],
                              self.device)
         hidden = self.model.hidden_states(h, ctx)
@@ -62,11 +62,12 @@ class ModelRunner:
         rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
         return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
 
-    def _insert_image_features(self, h: torch.Tensor, chunks: list[ScheduledChunk],
-                               features: dict[bytes, torch.Tensor]) -> torch.Tensor:
-        """Replace the embeddings of prompt [IMG] slots by the image features, as `Pixtral.embed` does.
+    def _image_rows(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flat batch's image slots and, in order, the feature rows that fill them.
 
-        Only prompt slots take features: a generated [IMG] token keeps its plain embedding.
+        Only prompt slots take features (a generated [IMG] token keeps its plain embedding), and a
+        chunk that cuts an image takes that image's rows for its part of the slots.
         """
         rows, masks = [], []
         for c in chunks:
@@ -77,10 +78,8 @@ class ModelRunner:
                 first = int(req.image_row_starts[k])
                 feats = features[req.image_hashes[k]]
                 rows.append(feats[max(r0, first) - first: min(r1, first + feats.shape[0]) - first])
-        if not rows:
-            return h
-        mask = torch.from_numpy(np.concatenate(masks)).to(self.device)
-        return h.masked_scatter(mask[:, None], torch.cat(rows).to(h.dtype))
+        slots = torch.from_numpy(np.concatenate(masks)).to(self.device)
+        return slots, (torch.cat(rows) if rows else None)
 
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """A step of decodes only (no prompt token, so no image slot): one batched attention call per layer."""

@@ -1,6 +1,6 @@
 """One loader per task: read the local dataset, build each item's request and reference.
 
-Field names, splits and message layouts follow `shared/spec/evaluation.md` §1.1-1.2 and §2.1-2.2:
+Field names, splits and message layouts follow docs/evaluation.md (the task table and each task's section):
 the image comes first, then `<question>\\n<Explicit prompt>`; MMMU interleaves its images where the
 `<image N>` placeholders are; MM-MT-Bench and `synth` query every user turn with the reference
 answers as history (teacher forcing).

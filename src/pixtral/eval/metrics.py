@@ -1,6 +1,6 @@
 """The paper-protocol metrics: answer matching per parsing level, ANLS with τ = 0.5, VQA accuracy.
 
-Decisions the spec leaves open (`shared/spec/evaluation.md` §6), fixed here:
+Decisions the protocol leaves open (docs/evaluation.md, 'Decisions our code fixes'), fixed here:
 
 * Matching is the same at every level; only the extraction differs (`parsing.py`). A letter gold
   (multiple choice) matches `B`, `(B)`, `B.` or `B. 12 cm`; numbers compare as numbers (`6.0` = `6`,

@@ -1,7 +1,7 @@
 """Protocol text: the Explicit prompts, decoding settings and the MM-MT-Bench judge prompt.
 
 These strings are part of each benchmark's definition (Pixtral 12B paper, App. A, and the released
-`mistral-evals` harness) and are reproduced verbatim; see `shared/spec/evaluation.md` §1.3 and §2.3.
+`mistral-evals` harness) and are reproduced verbatim; see docs/evaluation.md ('Explicit prompts', 'MM-MT-Bench').
 Do not reflow or "fix" them: the ChartQA prompt keeps the released harness's "should should be".
 """
 

@@ -48,9 +48,9 @@ def max_new_tokens(prompt_len: int, params: SamplingParams, limit: int,
 def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: SamplingParams,
                  eos_id: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logits) for each generated token; EOS is yielded too, then the loop ends."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     max_new = max_new_tokens(len(ids), params, model.args.max_seq_len)
-    cache = KVCache(model.args, len(ids) + max_new, device, model.tok_embeddings.weight.dtype,
+    cache = KVCache(model.args, len(ids) + max_new, device, model.dtype,
                     initial=len(ids) + min(max_new, 256))
     generator = make_generator(params.seed)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {eos_id})

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pixtral.model import fused_ops
 from pixtral.model.args import ModelArgs
 from pixtral.model.attention import AttentionContext
-from pixtral.model.layers import FeedForward, RMSNorm, add_and_feed_forward, fuse_linear_weights, linear_views_of
+from pixtral.model.layers import FeedForward, RMSNorm
 from pixtral.model.rope import apply_rotary
 
 
@@ -22,40 +20,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.wqkv: torch.Tensor | None = None  # set by `fuse_projections` (inference)
-        self.fused = False  # inference on the GPU: RoPE as one Triton kernel per tensor
 
-    def fuse_projections(self) -> None:
-        """Inference: wq, wk and wv become views into one weight, read by a single matmul.
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> q [T, n_heads, head_dim], k and v [T, n_kv_heads, head_dim]."""
+        return (self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)),
+                self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)),
+                self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)))
 
-        A decode step reads every weight once per token, and one [6144, 5120] matrix-vector
-        product runs nearer the memory bandwidth than three smaller ones. The parameters keep
-        their names, values and requires_grad (views into the fused storage), so state dicts are
-        unchanged and in-place loads reach the fused weight. The fused weight is used only while
-        the parameters still are those views (see `linear_views_of`): moving or casting the
-        model, replacing a parameter or wrapping a projection (LoRA) quietly returns it to three
-        matmuls, as does recording gradients.
-        """
-        linears = (self.wq, self.wk, self.wv)
-        if not all(type(m) is nn.Linear for m in linears):
-            return  # wrapped (LoRA): the wrappers' own forward must run
-        self.wqkv = fuse_linear_weights(linears)
-
-    def _qkv_sizes(self) -> list[int]:
-        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+    rotary = staticmethod(apply_rotary)
 
     def forward(self, x: torch.Tensor, rotation, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        if self.wqkv is not None and not linear_views_of(self.wqkv, (self.wq, self.wk, self.wv)):
-            self.wqkv = None  # the parameters moved on (device, dtype, replaced, wrapped): unfused from now on
-        if self.wqkv is not None and not (torch.is_grad_enabled() and self.wq.weight.requires_grad):
-            q, k, v = F.linear(x, self.wqkv).split(self._qkv_sizes(), dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        rotate = fused_ops.rotary if self.fused else apply_rotary
-        q, k = rotate(q, rotation), rotate(k, rotation)
+        q, k, v = self.qkv(x)
+        q, k = self.rotary(q, rotation), self.rotary(k, rotation)
         return self.wo(ctx.attend(layer, q, k, v).flatten(1))
 
 
@@ -68,4 +44,5 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rotation, ctx: AttentionContext, layer: int):
-        return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, ctx, layer), self.ffn_norm, self.feed_forward)
+        h = x + self.attention(self.attention_norm(x), rotation, ctx, layer)
+        return h + self.feed_forward(self.ffn_norm(h))

@@ -37,25 +37,13 @@ class Pixtral(nn.Module):
                 self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size)
             self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.dim, bias=v.adapter_bias)
 
-    def fuse_projections(self) -> "Pixtral":
-        """Inference on the GPU: q/k/v and the FFN's gate/up weights each read by one matmul.
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
 
-        Parameters keep their names and values (see `Attention.fuse_projections`); call after
-        the model is on its device. Results equal the unfused model's up to rounding.
-        """
-        for module in self.modules():
-            if module is not self and hasattr(module, "fuse_projections"):
-                module.fuse_projections()
-        return self
-
-    def use_fused_kernels(self, on: bool = True) -> "Pixtral":
-        """Inference on the GPU: RMSNorm (with the residual add), RoPE and the SiLU gate as Triton
-        kernels (`fused_ops`). Each falls back to the eager code where it cannot run (no Triton,
-        CPU tensors, tensors that need gradients), so the switch is safe anywhere."""
-        for module in self.modules():
-            if hasattr(module, "fused"):
-                module.fused = on
-        return self
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
 
     # ------------------------------------------------------------------ images
     @property
@@ -66,8 +54,7 @@ class Pixtral(nn.Module):
         """All images, packed in one pass -> [sum of image tokens, dim] in decoder width."""
         if self.args.vision is None:
             raise ValueError("this model has no vision encoder, but images were given")
-        device = self.tok_embeddings.weight.device
-        features, grids = self.vision_encoder([img.to(device) for img in images])
+        features, grids = self.vision_encoder([img.to(self.device) for img in images])
         if self.args.vision.add_pre_mm_projector_layer_norm:
             features = self.pre_mm_projector_norm(features)
         if self.args.vision.uses_patch_merger:
@@ -80,11 +67,22 @@ class Pixtral(nn.Module):
         return [(h // s) * (w // s) for h, w in (self.vision_encoder.grid(img) for img in images)]
 
     # ------------------------------------------------------------------ decoder
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the [IMG] rows replaced, in order, by image features."""
+    def image_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[L] bool: where image features go (the [IMG] tokens)."""
+        if self.image_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.image_token_id
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+              slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image slots replaced, in order, by image features.
+
+        `slots` defaults to every [IMG] token; the engine passes its own (a prompt chunk's slots
+        only: an [IMG] token the model generated keeps its plain embedding).
+        """
         h = self.tok_embeddings(input_ids)
-        img_id = self.image_token_id
-        n_slots = int((input_ids == img_id).sum()) if img_id is not None else 0
+        slots = self.image_slots(input_ids) if slots is None else slots
+        n_slots = int(slots.sum())
         n_features = 0 if image_features is None else image_features.shape[0]
         if n_slots != n_features:
             raise ValueError(
@@ -92,7 +90,7 @@ class Pixtral(nn.Module):
                 "encode prompts and images together with the processor"
             )
         if n_features:
-            h = h.masked_scatter((input_ids == img_id)[:, None], image_features.to(h.dtype))
+            h = h.masked_scatter(slots[:, None], image_features.to(h.dtype))
         return h
 
     def hidden_states(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -112,9 +110,8 @@ class Pixtral(nn.Module):
             raise ValueError(f"input_ids must be 1-D [L], got shape {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        device = self.tok_embeddings.weight.device
-        input_ids = input_ids.to(device)
+        input_ids = input_ids.to(self.device)
         features = self.encode_images(images) if images else None
         h = self.embed(input_ids, features)
-        ctx = ctx if ctx is not None else PackedCausal([input_ids.numel()], device=device)
+        ctx = ctx if ctx is not None else PackedCausal([input_ids.numel()], device=self.device)
         return self.logits(self.hidden_states(h, ctx))

@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pixtral.model import fused_ops
 from pixtral.model.args import VisionArgs
 from pixtral.model.attention import block_attention
-from pixtral.model.layers import FeedForward, RMSNorm, add_and_feed_forward
+from pixtral.model.layers import FeedForward, RMSNorm
 from pixtral.model.rope import angles_2d, apply_rotary, rotations
 
 
@@ -24,14 +23,14 @@ class VisionAttention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.fused = False  # inference on the GPU: RoPE as one Triton kernel per tensor
+
+    rotary = staticmethod(apply_rotary)
 
     def forward(self, x, rotation, seqlens: list[int]):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
-        rotate = fused_ops.rotary if self.fused else apply_rotary
-        q, k = rotate(q, rotation), rotate(k, rotation)
+        q, k = self.rotary(q, rotation), self.rotary(k, rotation)
         return self.wo(block_attention(q, k, v, seqlens).flatten(1))
 
 
@@ -42,21 +41,10 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.feed_forward = FeedForward(args.hidden_size, args.intermediate_size)
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        # Set by the trainer (`skip_zero_branches`) on a frozen branch whose output projection is
-        # all zeros, as the centering start leaves five of the six: it adds exactly 0 to x, so
-        # computing it is wasted work (5% of a training step, research/benchmarks/bench_frozen_encoder_step.py).
-        self.skip_attention = False
-        self.skip_feed_forward = False
 
     def forward(self, x, rotation, seqlens):
-        if not (self.skip_attention or self.skip_feed_forward):
-            return add_and_feed_forward(x, self.attention(self.attention_norm(x), rotation, seqlens), self.ffn_norm,
-                                        self.feed_forward)
-        if not self.skip_attention:
-            x = x + self.attention(self.attention_norm(x), rotation, seqlens)
-        if not self.skip_feed_forward:
-            x = x + self.feed_forward(self.ffn_norm(x))
-        return x
+        h = x + self.attention(self.attention_norm(x), rotation, seqlens)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class VisionLayers(nn.Module):

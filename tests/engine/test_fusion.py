@@ -30,7 +30,7 @@ def close(actual, expected, dtype):
 def test_norms_match_the_eager_code(dtype, request):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
-    from pixtral.model import fused_ops
+    from pixtral.engine import fused_ops
 
     torch.manual_seed(0)
     x, r = (torch.randn(7, 96).mul(3).to(dtype) for _ in range(2))  # 96 columns: a masked tail in the block
@@ -48,7 +48,7 @@ def test_norms_match_the_eager_code(dtype, request):
 def test_rotary_matches_the_eager_code_on_a_strided_view(dtype, request):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
-    from pixtral.model import fused_ops
+    from pixtral.engine import fused_ops
     from pixtral.model.rope import angles_1d, apply_rotary, rotations
 
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_rotary_matches_the_eager_code_on_a_strided_view(dtype, request):
 def test_silu_gate_matches_the_eager_code(dtype, request):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
-    from pixtral.model import fused_ops
+    from pixtral.engine import fused_ops
 
     torch.manual_seed(0)
     gate_up = torch.randn(6, 2 * 80).mul(4).to(dtype)
@@ -81,7 +81,7 @@ def test_silu_gate_matches_the_eager_code(dtype, request):
 def test_tensors_that_need_gradients_take_the_eager_path(request):
     if not INTERPRETED:
         return rerun_interpreted(request.node.name)
-    from pixtral.model import fused_ops
+    from pixtral.engine import fused_ops
 
     x = torch.randn(4, 32, requires_grad=True)
     weight = torch.ones(32, requires_grad=True)
@@ -90,18 +90,23 @@ def test_tensors_that_need_gradients_take_the_eager_path(request):
     assert x.grad is not None and torch.equal(out, fused_ops.rms_norm_eager(x, weight, 1e-5))
 
 
-def test_whole_model_with_fused_kernels_gives_the_same_logits(request, monkeypatch):
-    if not INTERPRETED:
-        return rerun_interpreted(request.node.name)
-    from pixtral.model import fused_ops
-
+def model_and_prompt():
     model = random_model("tiny")
     images = [torch.randn(3, 32, 48), torch.randn(3, 16, 16)]
     slots = [model.image_token_id] * sum(model.image_token_counts(images))
-    ids = torch.tensor([1] + slots + torch.randint(1000, 5000, (12,)).tolist())
+    return model, torch.tensor([1] + slots + torch.randint(1000, 5000, (12,)).tolist()), images
+
+
+def test_whole_model_with_fused_kernels_gives_the_same_logits(request, monkeypatch):
+    if not INTERPRETED:
+        return rerun_interpreted(request.node.name)
+    from pixtral.engine import fused_ops
+    from pixtral.engine.fusion import TritonFusedQKVAttention, TritonRMSNorm, TritonVisionBlock, fuse
+
+    model, ids, images = model_and_prompt()
     with torch.no_grad():
         eager = model(ids, images)
-        model.fuse_projections().use_fused_kernels()
+        fuse(model)
 
         def refuse(*args):
             raise AssertionError("an eager fallback ran: every norm and rotation must take its kernel")
@@ -109,24 +114,55 @@ def test_whole_model_with_fused_kernels_gives_the_same_logits(request, monkeypat
         monkeypatch.setattr(fused_ops, "rms_norm_eager", refuse)
         monkeypatch.setattr(fused_ops, "rotary_eager", refuse)
         fused = model(ids, images)
-    assert model.layers[0].ffn_norm.fused and model.vision_encoder.transformer.layers[0].attention.fused
+    assert isinstance(model.layers[0].attention, TritonFusedQKVAttention) and isinstance(model.norm, TritonRMSNorm)
+    assert isinstance(model.vision_encoder.transformer.layers[0], TritonVisionBlock)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)  # float32 summation order only
     assert eager.std() > 0.5
 
 
-def test_engine_keeps_the_kernels_only_when_they_agree_with_the_eager_code(request, monkeypatch):
-    if not INTERPRETED:
-        return rerun_interpreted(request.node.name)
-    from pixtral.engine.engine import enable_fused_kernels
-    from pixtral.model import fused_ops
+def test_fused_projections_alone_give_the_same_logits_and_free_the_separate_weights():
+    from pixtral.engine.fusion import FusedGateUpFeedForward, FusedQKVAttention, fuse
 
-    model = random_model("tiny")
-    assert enable_fused_kernels(model) and model.layers[0].attention.fused
-    # A kernel that computes something else: the check catches it and the model stays eager.
-    monkeypatch.setattr(fused_ops, "rotary", lambda x, rotation: x)
-    assert not enable_fused_kernels(model)
-    assert not any(getattr(m, "fused", False) for m in model.modules())
-    # A kernel that fails (say, does not compile on this GPU): the same.
-    monkeypatch.setattr(fused_ops, "rotary", lambda x, rotation: 1 / 0)
-    assert not enable_fused_kernels(model)
-    assert not model.layers[0].attention.fused
+    model, ids, images = model_and_prompt()
+    with torch.no_grad():
+        before = model(ids, images)
+        n_before = sum(p.numel() for p in model.parameters())
+        fuse(model, projections=True, kernels=False)
+        after = model(ids, images)
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert type(attn) is FusedQKVAttention and not hasattr(attn, "wq")
+    assert type(ffn) is FusedGateUpFeedForward and not hasattr(ffn, "w1")
+    assert sum(p.numel() for p in model.parameters()) == n_before  # no second copy of the weights
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert before.std() > 0.5  # logits spread: a wrong split would not pass the comparison above
+
+
+def test_lora_wrapped_projections_are_left_unfused():
+    from pixtral.engine.fusion import fuse
+    from pixtral.model.decoder import Attention
+    from pixtral.model.layers import FeedForward
+    from pixtral.train.lora import LoRALinear, apply_lora
+
+    model, ids, images = model_and_prompt()
+    apply_lora(model, rank=2, alpha=4.0, targets=["wq", "w1"])
+    with torch.no_grad():
+        before = model(ids, images)
+        fuse(model, kernels=False)
+        after = model(ids, images)
+    layer = model.layers[0]
+    assert type(layer.attention) is Attention and type(layer.feed_forward) is FeedForward
+    assert isinstance(layer.attention.wq, LoRALinear)
+    torch.testing.assert_close(after, before)
+
+
+def test_the_engine_fuses_only_on_the_gpu():
+    from pixtral.engine import Engine, EngineConfig
+    from pixtral.model.decoder import Attention
+
+    model, _, _ = model_and_prompt()
+
+    class NoProcessor:
+        eos_id, image_token_ids = 2, None
+
+    Engine(model, NoProcessor(), EngineConfig(num_blocks=8))
+    assert all(type(layer.attention) is Attention for layer in model.layers)  # the CPU keeps the model as it is

@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pixtral.model.layers import rms_norm as rms_norm_eager
 from pixtral.model.rope import apply_rotary as rotary_eager
 
 try:
@@ -84,12 +85,6 @@ if triton is not None:
         up = tl.load(GU + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)  # eager rounds here
         tl.store(OUT + row * stride_o + cols, (silu * up).to(OUT.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------- eager references
-def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32, cast back to the activation dtype, then scale (reference order)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
 
 # ---------------------------------------------------------------------------- fused entry points
