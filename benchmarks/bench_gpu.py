@@ -36,7 +36,7 @@ from common import describe_machine, hf_from_ours, random_model, synchronize, te
 
 from pixtral.engine import LLM, Prompt  # noqa: E402
 from pixtral.generation import SamplingParams  # noqa: E402
-from pixtral.model.args import preset  # noqa: E402
+from pixtral.model.presets import preset  # noqa: E402
 from pixtral.processing import load_processor  # noqa: E402
 from pixtral.processing.loading import write_tokenizer_for  # noqa: E402
 
@@ -219,8 +219,8 @@ def main() -> None:
                          fuse_projections=not opts.no_fuse)
     graphs = llm.engine.runner.graphs
     print(f"engine start: {time.perf_counter() - start:.1f} s ({len(graphs.graphs) if graphs else 0} CUDA graphs, "
-          f"Triton decode attention: {bool(graphs and graphs.use_triton)}, fused kernels: "
-          f"{llm.engine.fused_kernels})", flush=True)
+          f"Triton decode attention: {bool(graphs and graphs.use_triton)}, fused kernels: {not opts.no_triton})",
+          flush=True)
     if not opts.skip_hf:
         ours8 = llm.generate([prompts["text"]], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
         same = ours8 == ref[: len(ours8)]

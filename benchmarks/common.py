@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pixtral.checkpoint.configs import hf_config
 from pixtral.checkpoint.layout import HF_CURRENT_TO_LEGACY, key_specs, to_hf_rows
 from pixtral.model import Pixtral
 from pixtral.model.args import ModelArgs
@@ -43,7 +44,7 @@ def hf_from_ours(model: Pixtral):
     import transformers
 
     args = model.args
-    config = args.to_hf_config()
+    config = hf_config(args)
     cls = {"llava": transformers.LlavaForConditionalGeneration,
            "mistral3": transformers.Mistral3ForConditionalGeneration}[config["model_type"]]
     config_cls = {"llava": transformers.LlavaConfig, "mistral3": transformers.Mistral3Config}[config["model_type"]]

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from pixtral.checkpoint.configs import hf_config  # noqa: E402
 from pixtral.checkpoint.layout import HF_CURRENT_TO_LEGACY, key_specs, to_hf_rows
 from pixtral.generation import SamplingParams
 from pixtral.generation.generate import generate_ids
@@ -58,7 +59,7 @@ def main() -> None:
                 p.uniform_(0.8, 1.2)
             else:
                 p.normal_(0.0, 0.02)
-    hf_config = transformers.AutoConfig.for_model(**args.to_hf_config())
+    hf_config = transformers.AutoConfig.for_model(**hf_config(args))
     with torch.device(opts.device):
         hf = transformers.LlavaForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16).eval()
     params = dict(ours.named_parameters())

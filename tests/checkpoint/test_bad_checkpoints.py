@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from pixtral.checkpoint import load_model, save_model
 from pixtral.errors import CheckpointError, ConfigError
-from pixtral.model.args import preset
+from pixtral.checkpoint.configs import params_json
+from pixtral.model import preset
 from tests.conftest import random_model
 
 
@@ -81,7 +82,7 @@ def test_missing_files(tmp_path, ckpt):
 
 def test_12b_config_fails_before_allocating(tmp_path, ckpt):
     """A 12B params.json over tiny weights: building the model would need ~49 GB; the error comes first."""
-    (ckpt / "params.json").write_text(json.dumps(preset("pixtral-12b-2409").to_params_json()))
+    (ckpt / "params.json").write_text(json.dumps(params_json(preset("pixtral-12b-2409"))))
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="has shape .* but the config expects"):
         load_model(ckpt)

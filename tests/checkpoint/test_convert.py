@@ -93,7 +93,7 @@ def test_a_patch_merger_without_its_norm_is_refused_in_the_hf_layout(tmp_path, c
 
     from pixtral.errors import ConfigError
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
 
     args = preset("tiny")
     args.vision = dataclasses.replace(args.vision, spatial_merge_size=2, mm_projector_id="patch_merge",

@@ -3,7 +3,8 @@
 import pytest
 
 from pixtral.errors import ConfigError
-from pixtral.model.args import ModelArgs, preset
+from pixtral.checkpoint.configs import args_from_hf_config, args_from_params_json, hf_config, params_json
+from pixtral.model import preset
 
 
 def test_pixtral_12b_preset_matches_spec():
@@ -29,24 +30,24 @@ def test_other_presets():
 @pytest.mark.parametrize("name", ["pixtral-12b-2409", "mistral-small-3.1", "pixtral-large-2411", "tiny"])
 def test_round_trips(name):
     a = preset(name)
-    assert ModelArgs.from_params_json(a.to_params_json()) == a
-    assert ModelArgs.from_hf_config(a.to_hf_config()) == a
+    assert args_from_params_json(params_json(a)) == a
+    assert args_from_hf_config(hf_config(a)) == a
 
 
 def test_bad_values_name_the_key():
-    params = preset("tiny").to_params_json()
+    params = params_json(preset("tiny"))
     with pytest.raises(ConfigError, match="params.json: missing required key\\(s\\) 'dim'"):
-        ModelArgs.from_params_json({k: v for k, v in params.items() if k != "dim"})
+        args_from_params_json({k: v for k, v in params.items() if k != "dim"})
     with pytest.raises(ConfigError, match="'n_layers' must be a positive integer"):
-        ModelArgs.from_params_json({**params, "n_layers": -1})
+        args_from_params_json({**params, "n_layers": -1})
     with pytest.raises(ConfigError, match="unknown 'vision_encoder.mm_projector_id' 'mlp'"):
-        ModelArgs.from_params_json({**params, "vision_encoder": {**params["vision_encoder"], "mm_projector_id": "mlp"}})
+        args_from_params_json({**params, "vision_encoder": {**params["vision_encoder"], "mm_projector_id": "mlp"}})
     with pytest.raises(ConfigError, match="unknown key\\(s\\) in 'vision_encoder': \\['colour'\\]"):
-        ModelArgs.from_params_json({**params, "vision_encoder": {**params["vision_encoder"], "colour": 1}})
+        args_from_params_json({**params, "vision_encoder": {**params["vision_encoder"], "colour": 1}})
     with pytest.raises(ConfigError, match="multiple of 'n_kv_heads'"):
-        ModelArgs.from_params_json({**params, "n_kv_heads": 3})
-    hf = preset("tiny").to_hf_config()
+        args_from_params_json({**params, "n_kv_heads": 3})
+    hf = hf_config(preset("tiny"))
     with pytest.raises(ConfigError, match="'vision_feature_layer' = -2"):
-        ModelArgs.from_hf_config({**hf, "vision_feature_layer": -2})
+        args_from_hf_config({**hf, "vision_feature_layer": -2})
     with pytest.raises(ConfigError, match="'model_type' 'bert'"):
-        ModelArgs.from_hf_config({**hf, "model_type": "bert"})
+        args_from_hf_config({**hf, "model_type": "bert"})

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixtral.checkpoint.configs import args_from_hf_config, args_from_params_json
 from pixtral.checkpoint.layout import hf_legacy_name, key_specs
 from pixtral.checkpoint.safetensors_io import TensorInfo, read_header
 from pixtral.errors import CheckpointError, ConfigError
@@ -70,8 +71,8 @@ def find_files(path: str | Path) -> CheckpointFiles:
 def read_args(files: CheckpointFiles) -> ModelArgs:
     config = _read_json(files.config_file)
     if files.layout == MISTRAL:
-        return ModelArgs.from_params_json(config, source=str(files.config_file))
-    return ModelArgs.from_hf_config(config, source=str(files.config_file))
+        return args_from_params_json(config, source=str(files.config_file))
+    return args_from_hf_config(config, source=str(files.config_file))
 
 
 def index_tensors(files: CheckpointFiles, args: ModelArgs) -> dict[str, tuple[str, TensorInfo]]:

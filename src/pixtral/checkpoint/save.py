@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pixtral.checkpoint.configs import hf_config, params_json
 from pixtral.checkpoint.files import HF, MISTRAL, find_files, read_args
 from pixtral.checkpoint.layout import key_specs, to_hf_rows
 from pixtral.checkpoint.reader import TensorReader
@@ -26,7 +28,15 @@ def _prepare_output(dst: Path, overwrite: bool) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst}: already exists and is not empty; choose another output directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would become the published folder's mode
+    return tmp
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _publish(tmp: Path, dst: Path) -> None:
@@ -48,14 +58,14 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
     if layout not in (MISTRAL, HF):
         raise CheckpointError(f"unknown layout {layout!r}; use 'mistral' or 'hf'")
     dst = Path(dst).expanduser()
-    config = args.to_hf_config() if layout == HF else None  # refuses what HF cannot hold, before any write
+    config = hf_config(args) if layout == HF else None  # refuses what HF cannot hold, before any write
     tmp = _prepare_output(dst, overwrite)
     try:
         specs = key_specs(args)
         if layout == MISTRAL:
             entries = [(s.mistral, *shapes[s.mistral]) for s in specs]
             write_safetensors(tmp / "consolidated.safetensors", entries, produce)
-            (tmp / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n")
+            (tmp / "params.json").write_text(json.dumps(params_json(args), indent=2) + "\n")
         else:
             by_hf = {s.hf: s for s in specs}
 

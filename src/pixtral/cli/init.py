@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from pixtral.model.args import PRESETS
+    from pixtral.model.presets import PRESETS
 
     p = subparsers.add_parser(
         "init", help="write a random-weight checkpoint of a preset (tests, benchmarks, trying the tools)",
