@@ -29,6 +29,7 @@ from pixtral.engine.scheduler import ScheduledChunk, Scheduler
 from pixtral.errors import RequestError
 from pixtral.generation.generate import max_new_tokens
 from pixtral.generation.params import SamplingParams
+from pixtral.generation.sampling import stop_token_ids
 
 log = logging.getLogger("pixtral.engine")
 
@@ -120,9 +121,9 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.eos_id})
         req = Request(request_id, prompt, params, max_new_tokens=max_new, image_token_id=self.image_token_id,
-                      image_token_counts=counts, stop_ids=stop_ids, decoder=self.processor.stream_decoder(),
+                      image_token_counts=counts, stop_ids=stop_token_ids(params, self.eos_id),
+                      decoder=self.processor.stream_decoder(),
                       image_related_ids=self.image_related_ids)
         self.requests[request_id] = req
         self.scheduler.add(req)

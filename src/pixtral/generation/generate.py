@@ -13,7 +13,7 @@ import torch
 from pixtral.errors import ContextLengthError
 from pixtral.generation.kv_cache import KVCache
 from pixtral.generation.params import SamplingParams
-from pixtral.generation.sampling import make_generator, sample
+from pixtral.generation.sampling import make_generator, sample, stop_token_ids
 from pixtral.generation.stop import StopStringMatcher
 
 
@@ -53,7 +53,7 @@ def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: Samp
     cache = KVCache(model.args, len(ids) + max_new, device, model.dtype,
                     initial=len(ids) + min(max_new, 256))
     generator = make_generator(params.seed)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {eos_id})
+    stop_ids = stop_token_ids(params, eos_id)
     features = model.encode_images(images) if images else None
     h = model.embed(torch.tensor(ids, device=device), features)
     logits = model.logits(model.hidden_states(h, cache.step(len(ids)))[-1])
@@ -75,7 +75,7 @@ def stream_chat(model, processor, messages: list[dict], params: SamplingParams |
     image_token_ids = set((processor.image_token_ids or {}).values())
     result = Completion(prompt_tokens=len(ids), image_tokens=sum(t in image_token_ids for t in ids))
     decoder, stops = processor.stream_decoder(), StopStringMatcher(params.stop)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {processor.eos_id})
+    stop_ids = stop_token_ids(params, processor.eos_id)
     for token, _ in generate_ids(model, ids, images, params, processor.eos_id):
         if token in stop_ids:
             result.finish_reason = "stop"

@@ -1,4 +1,4 @@
-"""Pick the next token from logits: greedy, or temperature with top-k / top-p.
+"""Pick the next token from logits: greedy, or temperature with top-k / top-p; and which tokens stop.
 
 One filter for every path: the engine filters many rows at once with `batched_probs`, and the
 one-row reference loop calls the same function on a batch of one. The filter is safe for every
@@ -19,6 +19,11 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 class NonFiniteLogitsError(PixtralError):
     """The model produced NaN or +inf logits for a sequence (a numerical fault, not the request's)."""
+
+
+def stop_token_ids(params: SamplingParams, eos_id: int) -> frozenset[int]:
+    """The token ids that end a sequence: the request's own, and EOS unless `ignore_eos`."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else {eos_id})
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
