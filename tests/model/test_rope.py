@@ -1,4 +1,4 @@
-"""RoPE facts from the spec, checked against direct formulas."""
+"""RoPE facts (docs/architecture.md), checked against direct formulas."""
 
 import math
 

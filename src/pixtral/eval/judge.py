@@ -1,4 +1,4 @@
-"""The MM-MT-Bench judge, as the paper intends it (spec §1.3-1.4).
+"""The MM-MT-Bench judge, as the paper intends it (docs/evaluation.md, 'MM-MT-Bench').
 
 The judge gets the verbatim system prompt and one user message holding the conversation up to the
 graded turn: the real question text of every user turn, with the image where the conversation has
@@ -35,7 +35,7 @@ def parse_rating(reply: str) -> float | None:
 
 def build_judge_messages(turns: list[tuple[list[dict[str, Any]], str]], answer: str,
                          include_image: bool = True) -> list[dict[str, Any]]:
-    """System prompt plus the transcript (§1.3 template) with the image in its place in the conversation."""
+    """System prompt plus the transcript (the template in docs/evaluation.md, 'MM-MT-Bench') with the image in its place in the conversation."""
     parts: list[dict[str, Any]] = []
 
     def add_text(text: str) -> None:

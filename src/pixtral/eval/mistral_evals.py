@@ -1,7 +1,7 @@
 """The released harness's metrics (`mistralai/mistral-evals`, `eval/metrics.py`), reproduced exactly,
 quirks included, so our numbers can be compared with numbers produced by that harness.
 
-Differences from the paper protocol that are reproduced on purpose (spec §2.4, §2.6, §5):
+Differences from the paper protocol that are reproduced on purpose (docs/evaluation.md, 'The released harness's metrics'):
 `explicit_prompt_relaxed_correctness` accepts any `answer:` (like flexible level 2) and applies the
 5% numeric tolerance to every task; text answers keep trailing punctuation ("Yes." != "Yes");
 a letter gold matches the first character of the answer; `anywhere_in_answer_relaxed_correctness`
@@ -9,7 +9,7 @@ lowercases its search patterns but not the response; ANLS has its threshold at 0
 VQA match only strips surrounding quotes; the MM-MT-Bench macro average pools category and turn means.
 
 The one deliberate change: VQAv2 golds are the `answer` strings of the `answers` dicts (the released
-code compares the dicts themselves; the spec notes a harness must extract `.answer`).
+code compares the dicts themselves; a harness must extract `.answer`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ VQAV2_PROMPT = """- Answer the question using a single word, number, or short ph
 
 DOCVQA_PROMPT = "Answer the question using a single word or phrase."
 
-# Decoding: greedy everywhere; max_tokens per task (spec §6.2). `synth` answers are short.
+# Decoding: greedy everywhere; max_tokens per task (docs/evaluation.md, 'Common settings'). `synth` answers are short.
 TEMPERATURE = 0.0
 MAX_TOKENS = {
     "mm_mt_bench": 4096,
@@ -54,7 +54,7 @@ MAX_TOKENS = {
     "synth": 64,
 }
 
-# MM-MT-Bench judge (spec §1.3). The system prompt ends with two newlines.
+# MM-MT-Bench judge (docs/evaluation.md, 'MM-MT-Bench'). The system prompt ends with two newlines.
 JUDGE_MODEL = "gpt-4o-2024-05-13"
 JUDGE_TEMPERATURE = 0.0
 JUDGE_MAX_TOKENS = 2048
