@@ -35,7 +35,8 @@ def parse_rating(reply: str) -> float | None:
 
 def build_judge_messages(turns: list[tuple[list[dict[str, Any]], str]], answer: str,
                          include_image: bool = True) -> list[dict[str, Any]]:
-    """System prompt plus the transcript (the template in docs/evaluation.md, 'MM-MT-Bench') with the image in its place in the conversation."""
+    """System prompt plus the transcript (the template in docs/evaluation.md, 'MM-MT-Bench'), with
+    the image in its place in the conversation."""
     parts: list[dict[str, Any]] = []
 
     def add_text(text: str) -> None:
