@@ -15,7 +15,7 @@ def chartqa(tmp_path):
 
 def args(data, server_url, out, *extra):
     return ("chartqa", "--data", str(data), "--endpoint", server_url, "--served-model", "test-model",
-            "--output-dir", str(out), "--no-progress", "--retry-delay", "0.01", *extra)
+            "--output-dir", str(out), "--no-progress", *extra)
 
 
 def items(out, task="chartqa"):

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from pixtral.engine import AsyncEngine, Engine, EngineConfig
 from pixtral.server import ServerConfig, ServerState, build_app
@@ -36,12 +37,12 @@ class LiveServer:
 
 
 def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
+    """Every sample of /metrics: 'name' or 'name{label="value",...}' (labels sorted) -> value."""
     values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
 
 
@@ -50,7 +51,7 @@ def wait_idle(url: str, timeout: float = 10.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(url)
-        if m["pixtral_requests_running"] == 0 and m["pixtral_requests_waiting"] == 0:
+        if m["pixtral_num_requests_running"] == 0 and m["pixtral_num_requests_waiting"] == 0:
             return m
         assert time.monotonic() < deadline, f"still busy: {m}"
         time.sleep(0.05)

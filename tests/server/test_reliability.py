@@ -199,7 +199,7 @@ def test_invalid_unicode_is_a_4xx_in_json(http, name, stream):
 def test_after_the_suite_the_streams_are_intact_and_the_engine_idle(http, server, background):
     background()  # every background stream ended with its answer
     m = wait_idle(server.url)
-    assert m["pixtral_kv_blocks_used"] == 0 and m['pixtral_requests_finished_total{reason="error"}'] == 0
+    assert m["pixtral_kv_blocks_used"] == 0 and m['pixtral_request_success_total{finished_reason="error"}'] == 0
     assert http.get("/health").status_code == 200
     response = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": [user("hi")], "max_tokens": 2})
     assert response.status_code == 200

@@ -87,7 +87,7 @@ def test_models_health_metrics(client, server):
     assert [m.id for m in models.data] == [MODEL_NAME]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("pixtral_requests_waiting", "pixtral_requests_running", "pixtral_kv_blocks_used",
+    for name in ("pixtral_num_requests_waiting", "pixtral_num_requests_running", "pixtral_kv_blocks_used",
                  "pixtral_generation_tokens_total"):
         assert f"\n{name} " in text
 

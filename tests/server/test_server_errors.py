@@ -136,7 +136,7 @@ def test_bad_values_name_their_parameter(http):
 
 
 def test_streaming_client_disconnect_frees_blocks(server):
-    before = metrics(server.url).get('pixtral_requests_finished_total{reason="abort"}', 0)
+    before = metrics(server.url).get('pixtral_request_success_total{finished_reason="abort"}', 0)
     # Sampling with top_p sorts the vocabulary every step: slow enough that the client leaves first.
     long = body(max_tokens=900, ignore_eos=True, stream=True, temperature=1.0, top_p=0.9,
                 messages=[user("Tell me a long story.")])
@@ -148,17 +148,17 @@ def test_streaming_client_disconnect_frees_blocks(server):
             assert metrics(server.url)["pixtral_kv_blocks_used"] > 0
     m = wait_idle(server.url)
     assert m["pixtral_kv_blocks_used"] == 0
-    assert m['pixtral_requests_finished_total{reason="abort"}'] == before + 1
+    assert m['pixtral_request_success_total{finished_reason="abort"}'] == before + 1
 
 
 def test_non_streaming_client_disconnect_frees_blocks(server):
-    before = metrics(server.url).get('pixtral_requests_finished_total{reason="abort"}', 0)
+    before = metrics(server.url).get('pixtral_request_success_total{finished_reason="abort"}', 0)
     long = body(max_tokens=900, ignore_eos=True, temperature=1.0, top_p=0.9,
                 messages=[user("Tell me another long story.")])
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/chat/completions", json=long, timeout=0.3)
     deadline = time.monotonic() + 10
-    while metrics(server.url).get('pixtral_requests_finished_total{reason="abort"}', 0) < before + 1:
+    while metrics(server.url).get('pixtral_request_success_total{finished_reason="abort"}', 0) < before + 1:
         assert time.monotonic() < deadline, "the request was not cancelled"
         time.sleep(0.05)
     assert wait_idle(server.url)["pixtral_kv_blocks_used"] == 0
@@ -169,5 +169,5 @@ def test_after_the_suite_no_block_is_in_use_and_good_requests_work(http, server)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
     m = wait_idle(server.url)
     assert m["pixtral_kv_blocks_used"] == 0
-    assert m["pixtral_requests_running"] == 0 and m["pixtral_requests_waiting"] == 0
+    assert m["pixtral_num_requests_running"] == 0 and m["pixtral_num_requests_waiting"] == 0
     assert m['pixtral_http_errors_total{status="400"}'] >= 25

@@ -40,7 +40,6 @@ def _number(cast, low: float, *, strict: bool, what: str):
 
 _positive_int = _number(int, 0, strict=True, what="a positive integer")
 _positive_float = _number(float, 0, strict=True, what="a positive number")
-_non_negative_float = _number(float, 0, strict=False, what="a number >= 0")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,9 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_opts.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                           help="seconds per request before it is retried (default 600)")
     run_opts.add_argument("--retries", type=_positive_int, default=3, metavar="N",
-                          help="attempts per request on timeouts, connection errors, 429 and 5xx (default 3)")
-    run_opts.add_argument("--retry-delay", type=_non_negative_float, default=1.0, metavar="S",
-                          help="first wait between attempts, doubled each time (default 1)")
+                          help="attempts per request on timeouts, connection errors, 408, 409, 429 and 5xx, with the "
+                               "openai client's backoff (default 3)")
     run_opts.add_argument("--blank-images", action="store_true",
                           help="replace every image with a white one of the same size (shows the model reads images)")
     run_opts.add_argument("--overwrite", action="store_true",
@@ -107,7 +105,7 @@ def _backend(args: argparse.Namespace):
         if not args.served_model:
             raise ConfigError("--endpoint needs --served-model NAME (the model name the endpoint serves)")
         return OpenAIBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
-                             attempts=args.retries, retry_delay=args.retry_delay)
+                             attempts=args.retries)
     if args.served_model:
         raise ConfigError("--served-model needs --endpoint URL")
     return LocalBackend(args.model, max_batch=args.concurrency)
@@ -129,7 +127,7 @@ def _judge(args: argparse.Namespace):
             "--judge-endpoint URL [--judge-model NAME] for any OpenAI-compatible API, or --no-judge to only "
             "collect answers")
     backend = OpenAIBackend(endpoint, args.judge_model or prompts.JUDGE_MODEL, api_key=api_key, timeout=args.timeout,
-                            attempts=args.retries, retry_delay=args.retry_delay, role="judge",
+                            attempts=args.retries, role="judge",
                             option="--judge-endpoint")
     return Judge(backend, include_image=not args.judge_no_image, attempts=args.judge_attempts)
 

@@ -17,6 +17,16 @@ class TokenLogprob:
 
 
 @dataclass
+class RequestMetrics:
+    """When things happened to a request, in `time.monotonic()` seconds (as vLLM's `RequestMetrics`)."""
+
+    arrival_time: float  # the engine took the request
+    first_scheduled_time: float | None = None  # first admitted to a step
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class OutputDelta:
     """What one request gained in one engine step. The last one has `finished` set."""
 
@@ -31,6 +41,7 @@ class OutputDelta:
     num_image_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0  # so far, including a stop token that is not returned
+    metrics: RequestMetrics | None = None  # on the last delta only
 
     @property
     def finished(self) -> bool:
@@ -58,6 +69,7 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     error_code: str | None = None
+    metrics: RequestMetrics | None = None  # once finished
 
     @classmethod
     def start(cls, request_id: str, prompt_token_ids: list[int], want_logprobs: bool) -> "RequestOutput":
@@ -77,3 +89,5 @@ class RequestOutput:
         self.finished = delta.finished
         self.error = delta.error
         self.error_code = delta.error_code
+        if delta.metrics is not None:
+            self.metrics = delta.metrics

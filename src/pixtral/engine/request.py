@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pixtral.engine.outputs import OutputDelta, TokenLogprob
+from pixtral.engine.outputs import OutputDelta, RequestMetrics, TokenLogprob
 from pixtral.engine.prefix_cache import hash_block, hash_image
 from pixtral.generation.params import SamplingParams
 from pixtral.generation.sampling import make_generator
@@ -57,7 +57,9 @@ class Request:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None  # set by the scheduler
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
 
         # Where image features go: img_cum[p] = number of [IMG] tokens before prompt position p,
         # so a chunk [a, b) takes feature rows img_cum[a]:img_cum[b] of this request's images.
@@ -167,4 +169,9 @@ class Request:
         delta.num_image_tokens = self.num_image_tokens
         delta.num_cached_tokens = self.num_cached_tokens or 0
         delta.num_generated_tokens = self.num_generated
+        if self.finish_reason is not None:
+            if self.finished_time is None:
+                self.finished_time = time.monotonic()
+            delta.metrics = RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                                           self.finished_time)
         return delta

@@ -13,6 +13,7 @@ front of the queue to be recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class Scheduler:
             req.num_registered_blocks = len(hits)
             if req.num_cached_tokens is None:  # first admission: count prefix-cache hits
                 req.num_cached_tokens = computed
+                req.first_scheduled_time = time.monotonic()
                 self.prefix_query_tokens += req.num_tokens
                 self.prefix_hit_tokens += computed
             self.waiting.popleft()

@@ -3,10 +3,12 @@
 Both expose `complete(messages, max_tokens=..., temperature=...) -> str`, thread-safe, where the
 messages are OpenAI chat messages whose image parts hold `EncodedImage`s (see `data.Item`).
 
-Endpoint calls go through the official `openai` client with images as base64 `data:` URIs. Timeouts,
-connection errors, 429 and 5xx answers are retried a bounded number of times with doubling delays;
-other HTTP errors fail the item at once. When retries run out on a connection error and the endpoint
-no longer answers at all, `EndpointUnreachableError` stops the run (finished items stay saved).
+Endpoint calls go through the official `openai` client with images as base64 `data:` URIs. The
+client retries what it deems transient (connection errors and timeouts; 408, 409, 429 and 5xx answers)
+a bounded number of times, with its exponential backoff (0.5 s doubling to at most 8 s, jittered, or
+the server's Retry-After); other HTTP errors fail the item at once. When retries run out on a
+connection error and the endpoint no longer answers at all, `EndpointUnreachableError` stops the run
+(finished items stay saved).
 """
 
 from __future__ import annotations
@@ -56,10 +58,15 @@ def normalize_endpoint(url: str, option: str = "--endpoint") -> str:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions API (our server, vLLM, OpenAI, ...)."""
+    """Any OpenAI-compatible chat-completions API (our server, vLLM, OpenAI, ...).
+
+    `attempts` bounds the tries per request (the client's `max_retries` is one less); the client's
+    own backoff sets the waits.
+    """
 
     def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout: float = 600.0,
-                 attempts: int = 3, retry_delay: float = 1.0, role: str = "model", option: str = "--endpoint"):
+                 attempts: int = 3, role: str = "model",
+                 option: str = "--endpoint"):
         import openai
 
         if attempts < 1:
@@ -68,10 +75,11 @@ class OpenAIBackend:
         self.model = model
         self.role = role
         self.attempts = attempts
-        self.retry_delay = retry_delay
         self.timeout = timeout
         self._openai = openai
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                                    max_retries=attempts - 1)
+        self._probe = self.client.with_options(timeout=10.0, max_retries=0)  # one quick try: is anybody there?
         self.identity = {"served_model": model}
 
     def describe(self) -> dict[str, Any]:
@@ -89,7 +97,7 @@ class OpenAIBackend:
         (refused, unknown host, connect timeout); any HTTP answer, even an error, counts as reachable."""
         for attempt in range(tries):
             try:
-                self.client.with_options(timeout=10.0).models.list()
+                self._probe.models.list()
                 return True
             except self._openai.APIConnectionError as exc:  # includes timeouts
                 if type(exc.__cause__).__name__ not in ("ConnectError", "ConnectTimeout"):
@@ -103,7 +111,7 @@ class OpenAIBackend:
     def check(self) -> list[str]:
         openai = self._openai
         try:
-            listed = [m.id for m in self.client.with_options(timeout=10.0).models.list().data]
+            listed = [m.id for m in self._probe.models.list().data]
         except openai.APIConnectionError as exc:
             if not self.reachable():
                 raise self._unreachable(exc) from exc
@@ -118,30 +126,23 @@ class OpenAIBackend:
 
     def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str:
         openai = self._openai
-        wire = to_openai_messages(messages)
-        delay = self.retry_delay
-        last: Exception | None = None
-        for attempt in range(1, self.attempts + 1):
-            try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=wire, max_tokens=max_tokens, temperature=temperature)
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
-                last = exc  # timeouts are APIConnectionError too
-            except openai.APIStatusError as exc:
-                raise RequestFailed(f"HTTP {exc.status_code} from {self.base_url}: {_brief(exc)}") from exc
-            except openai.APIError as exc:
-                raise RequestFailed(f"bad response from {self.base_url}: {_brief(exc)}") from exc
-            else:
-                if not response.choices:
-                    raise RequestFailed(f"response from {self.base_url} has no choices")
-                return response.choices[0].message.content or ""
-            if attempt < self.attempts:
-                time.sleep(delay)
-                delay *= 2
-        assert last is not None
-        if isinstance(last, openai.APIConnectionError) and not self.reachable():
-            raise self._unreachable(last)
-        raise RequestFailed(f"{_brief(last)} ({self.attempts} attempts)")
+        try:  # the client retries transient failures itself
+            response = self.client.chat.completions.create(
+                model=self.model, messages=to_openai_messages(messages), max_tokens=max_tokens,
+                temperature=temperature)
+        except openai.APIConnectionError as exc:  # timeouts too
+            if not self.reachable():
+                raise self._unreachable(exc) from exc
+            raise RequestFailed(f"{_brief(exc)} ({self.attempts} attempts)") from exc
+        except (openai.RateLimitError, openai.InternalServerError) as exc:
+            raise RequestFailed(f"{_brief(exc)} ({self.attempts} attempts)") from exc
+        except openai.APIStatusError as exc:
+            raise RequestFailed(f"HTTP {exc.status_code} from {self.base_url}: {_brief(exc)}") from exc
+        except openai.APIError as exc:
+            raise RequestFailed(f"bad response from {self.base_url}: {_brief(exc)}") from exc
+        if not response.choices:
+            raise RequestFailed(f"response from {self.base_url} has no choices")
+        return response.choices[0].message.content or ""
 
     def close(self) -> None:
         self.client.close()

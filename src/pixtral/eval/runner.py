@@ -21,7 +21,7 @@ from typing import Any
 
 from pixtral.eval import prompts
 from pixtral.eval.backends import Backend, RequestFailed
-from pixtral.eval.data import Item, loggable_messages
+from pixtral.eval.data import Dataset, Item, loggable_messages
 from pixtral.eval.errors import DataError, EndpointUnreachableError, ResumeError
 from pixtral.eval.judge import Judge
 from pixtral.eval.loaders import load
@@ -151,171 +151,218 @@ def evaluate(config: RunConfig, backend: Backend, judge: Judge | None = None) ->
     dataset = load(task.name, config.data, config.limit, config.blank_images)
     max_tokens = config.max_tokens or prompts.MAX_TOKENS[task.name]
     judge = judge if task.needs_judge else None
-    paths = output_paths(config.output_dir, task.name)
+    paths = _prepare_outputs(config, task.name)
+    model_key = {"task": task.name, "data_sha256": dataset.sha256, **backend.identity, "max_tokens": max_tokens,
+                 "temperature": prompts.TEMPERATURE, "blank_images": config.blank_images}
+    store = ResultStore(paths["items"])
+    previous, warnings = _load_previous(store, model_key)
+
+    run = _Run(task, config, backend, judge, max_tokens, model_key, store, previous, warnings)
+    run.run(dataset)
+    if run.abort is not None:
+        raise EndpointUnreachableError(
+            f"{run.abort}; {len(run.rows)} of {dataset.total} items are saved in {paths['items']}: run the same "
+            "command again to resume") from run.abort
+    if not run.order:
+        raise DataError(f"{config.data}: no items to evaluate")
+
+    result = _result(run, dataset, paths, started)
+    _write_outputs(result, paths)
+    return result
+
+
+def _prepare_outputs(config: RunConfig, task: str) -> dict[str, Path]:
+    """The output paths, with their folder made (and earlier results removed with `overwrite`)."""
+    paths = output_paths(config.output_dir, task)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     if config.overwrite:
         for path in paths.values():
             path.unlink(missing_ok=True)
+    return paths
 
-    model_key = {"task": task.name, "data_sha256": dataset.sha256, **backend.identity, "max_tokens": max_tokens,
-                 "temperature": prompts.TEMPERATURE, "blank_images": config.blank_images}
-    judge_key = judge.identity if judge else None
-    store = ResultStore(paths["items"])
+
+def _load_previous(store: ResultStore, model_key: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Earlier rows of this same run (by id), and warnings; ResumeError for rows of a different run."""
     previous, unreadable = store.load()
     for row in previous.values():
         if row.get("model_key") != model_key:
             raise ResumeError(
-                f"{paths['items']}: holds results of a different run ({_differences(row.get('model_key') or {}, model_key)}); "
+                f"{store.path}: holds results of a different run ({_differences(row.get('model_key') or {}, model_key)}); "
                 "pass --overwrite to replace them, or choose another --output-dir")
     warnings: list[str] = []
     if unreadable:
-        warnings.append(f"{paths['items']}: skipped {unreadable} unreadable line(s); those items are queried again")
+        warnings.append(f"{store.path}: skipped {unreadable} unreadable line(s); those items are queried again")
+    return previous, warnings
 
-    rows: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
-    seen: set[str] = set()
-    counts: Counter = Counter()
-    totals: dict[str, float] = defaultdict(float)
 
-    def process(item: Item, answer: str | None) -> dict[str, Any]:
+class _Run:
+    """One pass over the dataset: resumed items are rescored, the others queried (and judged) in a thread
+    pool, each row saved as it arrives. An unreachable endpoint sets `abort` and stops submitting."""
+
+    def __init__(self, task: Task, config: RunConfig, backend: Backend, judge: Judge | None, max_tokens: int,
+                 model_key: dict[str, Any], store: ResultStore, previous: dict[str, dict[str, Any]],
+                 warnings: list[str]):
+        self.task, self.config, self.backend, self.judge = task, config, backend, judge
+        self.max_tokens, self.model_key = max_tokens, model_key
+        self.judge_key = judge.identity if judge else None
+        self.store, self.previous, self.warnings = store, previous, warnings
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self.counts: Counter = Counter()
+        self.totals: dict[str, float] = defaultdict(float)
+        self.abort: EndpointUnreachableError | None = None
+        self._pending: set[Future] = set()
+        self._checked = False
+        self._progress: _Progress | None = None
+
+    def run(self, dataset: Dataset) -> None:
+        seen: set[str] = set()
+        limit = 2 * self.config.concurrency  # submitted but not collected
+        with _Progress(self.config.progress, self.task.name, dataset.total) as self._progress, \
+                ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="pixtral-eval") as pool:
+            try:
+                for item in dataset.items():
+                    if self.abort is not None:
+                        break
+                    if item.id in seen:
+                        raise DataError(f"{self.config.data}: duplicate item id '{item.id}'")
+                    seen.add(item.id)
+                    self.order.append(item.id)
+                    prev = self.previous.get(item.id)
+                    stage = _stage(prev, self.judge_key)
+                    if stage == "done":
+                        self.counts["resumed"] += 1
+                        self._finish({**prev, **_scored(self.task, item, prev["answer"])})
+                        continue
+                    self._check_once()
+                    while len(self._pending) >= limit:
+                        self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
+                    self._pending.add(pool.submit(self._process, item, prev["answer"] if stage == "judge" else None))
+                while self._pending:
+                    self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
+            except BaseException:
+                for future in self._pending:
+                    future.cancel()
+                raise
+            finally:
+                self.store.close()
+
+    def _check_once(self) -> None:
+        """Check the backends before the first query (not at all when everything is resumed)."""
+        if self._checked:
+            return
+        self.warnings.extend(self.backend.check())
+        if self.judge is not None:
+            self.warnings.extend(self.judge.backend.check())
+        for message in self.warnings:
+            self._progress.log(f"warning: {message}")
+        self._checked = True
+
+    # ------------------------------------------------------------------ in the worker threads
+    def _process(self, item: Item, answer: str | None) -> dict[str, Any]:
+        """One item's row: the model's answer (queried unless given), its scores and its judgement."""
         begin = time.monotonic()
         row: dict[str, Any] = {
-            "id": item.id, "status": "ok", "model_key": model_key, "judge_key": judge_key,
-            "request": {"messages": loggable_messages(item.messages), "max_tokens": max_tokens,
+            "id": item.id, "status": "ok", "model_key": self.model_key, "judge_key": self.judge_key,
+            "request": {"messages": loggable_messages(item.messages), "max_tokens": self.max_tokens,
                         "temperature": prompts.TEMPERATURE},
             "reference": item.reference, "meta": item.meta,
         }
         if answer is None:
             try:
-                answer = backend.complete(item.messages, max_tokens=max_tokens, temperature=prompts.TEMPERATURE)
+                answer = self.backend.complete(item.messages, max_tokens=self.max_tokens,
+                                               temperature=prompts.TEMPERATURE)
             except RequestFailed as exc:
                 row.update(status="failed", answer=None, error=str(exc), elapsed_s=round(time.monotonic() - begin, 3))
                 return row
             row["queried"] = True
-        row.update(_scored(task, item, answer))
-        if judge is not None:
-            try:
-                judgement = judge.rate(item, answer)
-            except (RequestFailed, EndpointUnreachableError) as exc:
-                # Keep the model's answer; an unreachable judge still stops the run (see collect).
-                row.update(status="judge_failed", judge={"rating": None, "error": str(exc)})
-                if isinstance(exc, EndpointUnreachableError):
-                    row["abort"] = exc
-            else:
-                row["judge"] = {"rating": judgement.rating, "rationale": judgement.rationale, "attempts": judgement.attempts}
-                if judgement.rating is None:
-                    row["status"] = "unrated"
+        row.update(_scored(self.task, item, answer))
+        if self.judge is not None:
+            self._judge(item, answer, row)
         row["elapsed_s"] = round(time.monotonic() - begin, 3)
         return row
 
-    def finish(row: dict[str, Any], progress: _Progress) -> None:
-        row = rows[row["id"]] = _slim(row)
-        for key, value in task.progress_values(row).items():
-            totals[key] += value
-        progress.advance(task.format_running(totals, len(rows)))
-
-    checked = False
-    abort: EndpointUnreachableError | None = None
-    pending: set[Future] = set()
-    with _Progress(config.progress, task.name, dataset.total) as progress, \
-            ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="pixtral-eval") as pool:
-
-        def stop(exc: EndpointUnreachableError) -> None:
-            nonlocal abort
-            if abort is None:
-                abort = exc
-                for other in pending:
-                    other.cancel()
-
-        def collect(done: set[Future]) -> None:
-            for future in done:
-                pending.discard(future)
-                if future.cancelled():
-                    continue
-                try:
-                    row = future.result()
-                except EndpointUnreachableError as exc:
-                    stop(exc)
-                    continue
-                if "abort" in row:
-                    stop(row.pop("abort"))
-                if row.pop("queried", False):
-                    counts["queried"] += 1
-                if judge is not None and row.get("judge") is not None:
-                    counts["judged"] += 1
-                store.append(row)
-                finish(row, progress)
-
+    def _judge(self, item: Item, answer: str, row: dict[str, Any]) -> None:
         try:
-            for item in dataset.items():
-                if abort is not None:
-                    break
-                if item.id in seen:
-                    raise DataError(f"{config.data}: duplicate item id '{item.id}'")
-                seen.add(item.id)
-                order.append(item.id)
-                prev = previous.get(item.id)
-                stage = _stage(prev, judge_key)
-                if stage == "done":
-                    counts["resumed"] += 1
-                    finish({**prev, **_scored(task, item, prev["answer"])}, progress)
-                    continue
-                if not checked:
-                    warnings.extend(backend.check())
-                    if judge is not None:
-                        warnings.extend(judge.backend.check())
-                    for message in warnings:
-                        progress.log(f"warning: {message}")
-                    checked = True
-                while len(pending) >= 2 * config.concurrency:
-                    collect(wait(pending, return_when=FIRST_COMPLETED).done)
-                pending.add(pool.submit(process, item, prev["answer"] if stage == "judge" else None))
-            while pending:
-                collect(wait(pending, return_when=FIRST_COMPLETED).done)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-        finally:
-            store.close()
+            judgement = self.judge.rate(item, answer)
+        except (RequestFailed, EndpointUnreachableError) as exc:
+            # Keep the model's answer; an unreachable judge still stops the run (see _collect).
+            row.update(status="judge_failed", judge={"rating": None, "error": str(exc)})
+            if isinstance(exc, EndpointUnreachableError):
+                row["abort"] = exc
+        else:
+            row["judge"] = {"rating": judgement.rating, "rationale": judgement.rationale, "attempts": judgement.attempts}
+            if judgement.rating is None:
+                row["status"] = "unrated"
 
-    if abort is not None:
-        raise EndpointUnreachableError(
-            f"{abort}; {len(rows)} of {dataset.total} items are saved in {paths['items']}: run the same command "
-            "again to resume") from abort
-    if not order:
-        raise DataError(f"{config.data}: no items to evaluate")
+    # ------------------------------------------------------------------ in the submitting thread
+    def _collect(self, done: set[Future]) -> None:
+        for future in done:
+            self._pending.discard(future)
+            if future.cancelled():
+                continue
+            try:
+                row = future.result()
+            except EndpointUnreachableError as exc:
+                self._stop(exc)
+                continue
+            if "abort" in row:
+                self._stop(row.pop("abort"))
+            if row.pop("queried", False):
+                self.counts["queried"] += 1
+            if self.judge is not None and row.get("judge") is not None:
+                self.counts["judged"] += 1
+            self.store.append(row)
+            self._finish(row)
 
-    final = [rows[i] for i in order]
+    def _stop(self, exc: EndpointUnreachableError) -> None:
+        if self.abort is None:
+            self.abort = exc
+            for other in self._pending:
+                other.cancel()
+
+    def _finish(self, row: dict[str, Any]) -> None:
+        row = self.rows[row["id"]] = _slim(row)
+        for key, value in self.task.progress_values(row).items():
+            self.totals[key] += value
+        self._progress.advance(self.task.format_running(self.totals, len(self.rows)))
+
+
+def _result(run: _Run, dataset: Dataset, paths: dict[str, Path], started: float) -> dict[str, Any]:
+    """What `TASK.json` holds: metrics, counts, settings, data and run information."""
+    task, config, judge = run.task, run.config, run.judge
+    final = [run.rows[i] for i in run.order]
     metric_values, released = task.aggregate(final)
     statuses = Counter(r["status"] for r in final)
-    result = {
+    return {
         "task": task.name,
         "metrics": metric_values,
         "mistral_evals": released,
         "counts": {
             "items": len(final), "records": dataset.records, "ok": statuses["ok"], "failed": statuses["failed"],
             "unrated": statuses["unrated"], "judge_failed": statuses["judge_failed"],
-            "resumed": counts["resumed"], "queried": counts["queried"], "judged": counts["judged"],
+            "resumed": run.counts["resumed"], "queried": run.counts["queried"], "judged": run.counts["judged"],
             "failed_items": [r["id"] for r in final if r["status"] == "failed"],
         },
         "settings": {
-            "model": backend.describe(), "temperature": prompts.TEMPERATURE, "max_tokens": max_tokens,
+            "model": run.backend.describe(), "temperature": prompts.TEMPERATURE, "max_tokens": run.max_tokens,
             "concurrency": config.concurrency, "limit": config.limit, "blank_images": config.blank_images,
             "judge": judge.describe() if judge else None, "scoring": SCORING_NOTES[task.kind],
             "numeric_tolerance": task.tolerance if task.kind == "levels" else None,
         },
         "data": {"path": str(config.data), "files": [str(f) for f in dataset.files], "sha256": dataset.sha256},
         "run": {"started": _iso(started), "finished": _iso(time.time()), "elapsed_s": round(time.time() - started, 2),
-                "pixtral": _version(), "warnings": warnings},
+                "pixtral": _version(), "warnings": run.warnings},
         "outputs": {k: p.name for k, p in paths.items()},
     }
-    paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_outputs(result: dict[str, Any], paths: dict[str, Path]) -> None:
     from pixtral.eval import report
 
+    paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["summary"].write_text(report.markdown(result), encoding="utf-8")
     report.chart(result, paths["chart"])
-    return result
 
 
 def _slim(row: dict[str, Any]) -> dict[str, Any]:

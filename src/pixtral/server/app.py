@@ -3,7 +3,7 @@
     POST /v1/chat/completions   chat, streamed (SSE) or not, with images as data: URIs
     GET  /v1/models             the one served model
     GET  /health                200 once the model is loaded, 503 before
-    GET  /metrics               Prometheus text
+    GET  /metrics               Prometheus text (see `metrics`)
 
 Every error is OpenAI's JSON error shape with a status that says whose fault it is. The body
 is parsed here, not by FastAPI, so that size limits, invalid JSON and invalid fields each get
@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import threading
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,8 +41,8 @@ from pixtral.engine.inputs import chat_prompt, check_text_length
 from pixtral.engine.outputs import RequestOutput
 from pixtral.errors import PixtralError
 from pixtral.processing.images import SERVER_POLICY, ImagePolicy
-from pixtral.server import metrics
 from pixtral.server.errors import APIError, encodable, error_body, from_pixtral_error
+from pixtral.server.metrics import CONTENT_TYPE, ServerMetrics
 from pixtral.server.protocol import (ChatCompletionRequest, ResponseMeta, chunk, completion_response, count_images,
                                      logprobs_content, model_card, usage_chunk)
 
@@ -66,7 +65,6 @@ class ServerState:
     def __init__(self, engine: AsyncEngine | None = None):
         self.engine = engine
         self.load_error: str | None = None
-        self.errors: Counter[int] = Counter()
 
     def load_in_background(self, loader: Callable[[], AsyncEngine],
                            on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
@@ -97,6 +95,7 @@ class ServerState:
 def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="pixtral", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics = ServerMetrics(lambda: state.engine)
     # Requests with images are prepared here, never in the shared thread pool: a burst of them then
     # waits its turn without holding up text requests, and no more images decode at once than the
     # budget lets through anyway.
@@ -105,7 +104,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        state.errors[exc.status] += 1
+        metrics.http_error(exc.status)
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -122,7 +121,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        state.errors[500] += 1
+        metrics.http_error(500)
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"),
                             status_code=500)
 
@@ -141,11 +140,8 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def get_metrics() -> PlainTextResponse:
-        engine = state.engine
-        stats = engine.stats() if engine is not None else None
-        ready = engine is not None and engine.alive
-        return PlainTextResponse(metrics.render(stats, state.errors, ready), media_type="text/plain; version=0.0.4")
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -188,11 +184,13 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         meta = ResponseMeta(config.model_name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(stream, meta, include_usage, engine.processor),
+            return StreamingResponse(sse(stream, meta, include_usage, engine.processor, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         out = await result_unless_disconnected(request, stream)
         if out is None:
             return Response(status_code=499)  # nobody is listening any more
+        if out.finished:
+            metrics.observe_finished(out)
         if out.error:
             raise APIError(400 if out.error_code == "invalid_request" else 500, out.error,
                            code=out.error_code or "internal_error")
@@ -281,13 +279,16 @@ def event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, processor) -> AsyncIterator[str]:
+async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, processor,
+              metrics: ServerMetrics) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE]."""
     try:
         yield event(chunk(meta, {"role": "assistant", "content": ""}))
         last = None
         async for delta in stream:
             last = delta
+            if delta.finished:
+                metrics.observe_finished(delta)
             if delta.error:
                 status = 400 if delta.error_code == "invalid_request" else 500
                 yield event(error_body(status, delta.error, code=delta.error_code or "internal_error"))
