@@ -41,16 +41,16 @@ def run_cli(cfg_path: Path, *extra: str, torchrun: int = 0, timeout: int = 120) 
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]  # not step 0's baseline
 
 
 def test_a_few_steps_reduce_the_loss_and_save_both_layouts(tmp_path, chat_data):
     cfg = tiny_config(tmp_path / "run", chat_data, steps=12, eval_every=6, **{"data.val": [str(chat_data.parent / "val.jsonl")]})
     final = train(load_config(write_config(tmp_path / "c.yaml", cfg)), log=lambda *_: None)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    first, last = records[0]["loss"], records[-1]["loss"]
+    first, last = records[1]["loss"], records[-1]["loss"]
     assert last < first * 0.7, (first, last)
-    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 6, 12]  # 0: the baseline before training
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     a = load_model(final / "mistral")
     b = load_model(final / "hf")
@@ -241,7 +241,7 @@ def test_image_feature_l2_keeps_image_features_small(tmp_path, chat_data):
 
 
 def test_image_feature_l2_is_a_training_term_only(tmp_path, chat_data):
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.model import Pixtral
     from pixtral.train.trainer import LossModel
 
@@ -274,7 +274,7 @@ def test_learning_rates_of_the_encoder_and_the_rest_of_the_vision_path(chat_data
     optim.encoder_lr_scale further scales the encoder and its pre-projector norm alone."""
     from pixtral.errors import ConfigError
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.train.trainer import param_groups
 
     model = Pixtral(preset("tiny"))
@@ -301,7 +301,7 @@ def test_blank_patch_init_embeds_a_white_page_to_zero(blank_patch_init):
     from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
 
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.train.trainer import init_weights
 
     torch.manual_seed(0)
@@ -326,7 +326,7 @@ def test_centering_encoder_init_subtracts_each_images_mean_token():
     (attention kept inside each image), where x is `ln_pre` of the patch embeddings: a page's
     background then embeds near zero whatever its colour, and only what is drawn stands out."""
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.train.trainer import init_weights
 
     torch.manual_seed(0)
@@ -358,12 +358,13 @@ def test_centering_encoder_init_subtracts_each_images_mean_token():
 
 def test_frozen_zero_branches_are_skipped_with_the_same_features_and_gradients():
     """With the centering start frozen, five of the encoder's six residual branches have all-zero
-    output projections: `skip_zero_branches` marks them, and the features, and the gradients that
+    output projections: `skip_zero_branches` leaves them out, and the features, and the gradients that
     reach the patch merger and adapter, are bit for bit those of computing every branch. A branch
     that trains, or a non-zero one, is never skipped."""
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
-    from pixtral.train.trainer import freeze, init_weights, skip_zero_branches
+    from pixtral.model import preset
+    from pixtral.train.trainer import freeze, init_weights
+    from pixtral.train.zero_branches import WithoutAttention, WithoutBranches, WithoutFeedForward, skip_zero_branches
 
     torch.manual_seed(0)
     model = Pixtral(preset("tiny"))
@@ -381,13 +382,16 @@ def test_frozen_zero_branches_are_skipped_with_the_same_features_and_gradients()
     freeze(model, ["vision_encoder"])
     layers = model.vision_encoder.transformer.layers
     assert skip_zero_branches(model) == 2 * len(layers) - 1
-    assert not layers[0].skip_attention and layers[0].skip_feed_forward  # the averaging attention stays
-    assert all(b.skip_attention and b.skip_feed_forward for b in layers[1:])
+    assert type(layers[0]) is WithoutFeedForward  # the averaging attention stays
+    assert all(type(b) is WithoutBranches for b in layers[1:])
+    with torch.no_grad():  # a branch left out is not computed at all: NaNs in it change nothing
+        layers[1].attention.wq.weight.fill_(float("nan"))
     skipped = run()
     assert torch.equal(skipped[0], reference[0]) and torch.equal(skipped[1], reference[1])
+    assert set(model.state_dict()) == set(Pixtral(preset("tiny")).state_dict())  # saving is unchanged
     with torch.no_grad():
         layers[1].feed_forward.w2.weight[0, 0] = 1e-3  # no longer zero
-    assert skip_zero_branches(model) == 2 * len(layers) - 2 and not layers[1].skip_feed_forward
+    assert skip_zero_branches(model) == 2 * len(layers) - 2 and type(layers[1]) is WithoutAttention
 
 
 def test_local_encoder_init_embeds_a_patch_the_same_beside_anything():
@@ -398,7 +402,7 @@ def test_local_encoder_init_embeds_a_patch_the_same_beside_anything():
     from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
 
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.train.trainer import init_weights
 
     p = preset("tiny").vision.patch_size
@@ -447,7 +451,7 @@ def test_final_save_keeps_the_mistral_layout_when_hf_cannot_hold_the_model(tmp_p
     import dataclasses
 
     from pixtral.model import Pixtral
-    from pixtral.model.args import preset
+    from pixtral.model import preset
     from pixtral.train.config import TrainConfig
     from pixtral.train.trainer import save_final
 

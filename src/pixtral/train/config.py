@@ -14,7 +14,9 @@ from pixtral.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    init: str = "preset:tiny"  # "preset:NAME" (from scratch) or a checkpoint directory (either layout)
+    # "preset:NAME" (from scratch), "default" (the small model shipped in the package) or a checkpoint
+    # directory (either layout; write ./default for a folder of that name)
+    init: str = "preset:tiny"
     args: dict = field(default_factory=dict)  # ModelArgs overrides for a preset; vision fields under "vision"
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own, or mistral-common's
     tokenizer_ranks: int | None = None  # from scratch: a reduced Tekken with this many BPE ranks
@@ -92,8 +94,15 @@ class TrainConfig:
     cpu_bf16: bool = False
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
     save_every: int = 100  # steps between resumable checkpoints (0: only at the end)
-    eval_every: int = 100  # steps between validations (0: never)
+    eval_every: int = 100  # steps between validations (0: never); with data.val, also one before step 1
     val_batches: int = 20  # packed sequences per validation
+    # With validation: final/ holds the model of the step with the lowest validation loss (step 0:
+    # none beat the starting model), kept as best-STEP.pt while training; false: the last step's.
+    keep_best: bool = True
+    early_stop_after: int = 0  # stop after this many validations in a row without a new best (0: never)
+    # Longest wait in any collective (seconds) before a rank gives up, naming the step; a checkpoint
+    # save is one such wait for the ranks that do not write it.
+    dist_timeout_s: float = 1800.0
     log_every: int = 10
     save_dtype: str = "float32"  # dtype of the final model files
     progress: bool = True
@@ -104,6 +113,13 @@ class TrainConfig:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
         if not self.data.train:
             raise ConfigError("config: 'data.train' lists no training file")
+        if self.early_stop_after < 0:
+            raise ConfigError(f"config: 'early_stop_after' must be 0 (never) or positive, got {self.early_stop_after}")
+        if self.early_stop_after and not (self.data.val and self.eval_every > 0):
+            raise ConfigError("config: 'early_stop_after' counts validations, but none run: "
+                              "give data.val and eval_every")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"config: 'dist_timeout_s' must be positive, got {self.dist_timeout_s}")
         if not self.model.init.startswith("preset:"):  # a checkpoint brings its own architecture and weights
             scratch_only = {"args": bool(self.model.args), "tokenizer_ranks": self.model.tokenizer_ranks is not None,
                             "blank_patch_init": self.model.blank_patch_init,
@@ -185,7 +201,16 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def resolve_init(init: str) -> str:
+    """`model.init` as a checkpoint directory: "default" is the model shipped in the package."""
+    if init == "default":
+        from pixtral.assets import default_model_dir
+
+        return str(default_model_dir())
+    return init
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), check: bool = True) -> TrainConfig:
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -201,7 +226,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for assignment in overrides:
         apply_override(tree, assignment)
     cfg = _build(TrainConfig, tree, where)
-    cfg.validate()
+    if check:
+        cfg.validate()
     return cfg
 
 

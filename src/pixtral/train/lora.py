@@ -103,6 +103,9 @@ def export_lora(model: nn.Module, dst: str | Path, rank: int, alpha: float, targ
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(model), str(dst / "adapter.safetensors"))
+    from pixtral.checkpoint.save import current_umask
+
+    (dst / "adapter.safetensors").chmod(0o666 & ~current_umask())  # safetensors writes 0600
     (dst / "adapter_config.json").write_text(json.dumps({"rank": rank, "alpha": alpha, "targets": targets}, indent=2) + "\n")
     return dst
 
