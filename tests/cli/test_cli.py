@@ -55,3 +55,17 @@ def test_errors_are_one_line_without_traceback(args, message):
     assert out.returncode == 1
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command, hidden, extra", [
+    (["serve"], "fastapi", "server"),
+    (["eval", "synth", "--data", "x"], "openai", "eval"),
+    (["data", "synth", "--out", "x", "--n", "1"], "tqdm", "train"),
+])
+def test_a_missing_optional_dependency_names_its_extra(command, hidden, extra):
+    # A Python that cannot import one of the extra's packages (as on a core-only install).
+    code = (f"import sys; sys.modules[{hidden!r}] = None; from pixtral.cli.main import main; "
+            f"sys.exit(main({command!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"pip install 'pixtral[{extra}]'" in out.stderr and hidden in out.stderr

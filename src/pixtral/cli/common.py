@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import torch
 
 from pixtral.errors import PixtralError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+EXTRAS = {  # what each optional part of the package imports (pyproject.toml's extras)
+    "server": ("fastapi", "uvicorn", "prometheus_client"),
+    "train": ("yaml", "tqdm", "matplotlib"),
+    "eval": ("openai", "rich", "matplotlib", "pyarrow"),
+}
+
+
+def require(extra: str, command: str) -> None:
+    """Refuse a sub-command whose optional dependencies are not installed, naming the extra."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PixtralError(f"`pixtral {command}` needs {', '.join(missing)}: install them with "
+                           f"pip install 'pixtral[{extra}]'")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

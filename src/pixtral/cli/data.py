@@ -85,6 +85,10 @@ _ALIASES = {"chart": "charts", "table": "tables", "document": "documents", "docs
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from pixtral.cli.common import require
+
+    require("train", "data synth")
+
     from pixtral.data.synth import CATEGORIES, SynthConfig, write_dataset
 
     if args.categories is None:

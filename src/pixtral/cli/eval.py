@@ -133,6 +133,10 @@ def _judge(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixtral.cli.common import require
+
+    require("eval", "eval")
+
     from pixtral.eval.report import markdown
     from pixtral.eval.runner import RunConfig, evaluate, output_paths
 

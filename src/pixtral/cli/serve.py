@@ -86,6 +86,10 @@ def _positive(name: str, value) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixtral.cli.common import require
+
+    require("server", "serve")
+
     from pathlib import Path
 
     import uvicorn
