@@ -1,4 +1,5 @@
-"""`pixtral eval synth` on the embedded default model reproduces the table in the README.
+"""`pixtral eval synth` on the embedded default model reproduces the table in the README, and the
+analysis scripts the numbers docs/default_model.md gives.
 
 The held-out set is regenerated here exactly as scripts/train_default_model.sh makes it (seed 3,
 never used in training), then scored with real and with blank images.
@@ -18,6 +19,7 @@ import pytest
 from pixtral.data.synth import SynthConfig, write_dataset
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+DOC = README.parent / "docs" / "default_model.md"  # the longer claims: blank images, wrong answers, descriptions
 ROW = re.compile(r"^\|\s*\**(charts|tables|documents|diagrams|misc|overall)\**\s*\|\s*(\d+)\s*\|\s*\**([\d.]+)%\**\s*\|\s*\**([\d.]+)%\**\s*\|")
 
 
@@ -81,10 +83,10 @@ def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
     guess = fixed_answer_guess(heldout)
     for name, (_, _, blank_pct) in expected.items():
         assert blank_pct < guess[name], (name, blank_pct, guess[name])
-    text = " ".join(README.read_text().split())
+    text = " ".join(DOC.read_text().split())
     assert f"with blank images it scores {expected['overall'][2]}%, below the {guess['overall']}%" in text, guess
 
-    # Where the wrong answers to the lookups come from (scripts/answer_errors.py), as the README says.
+    # Where the wrong answers to the lookups come from (scripts/answer_errors.py), as docs/default_model.md says.
     run = subprocess.run([sys.executable, str(README.parent / "scripts" / "answer_errors.py"), "--data", str(heldout),
                           "--items", str(tmp_path / "real" / "synth.items.jsonl")], capture_output=True, text=True,
                          timeout=600)
@@ -109,8 +111,8 @@ def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
 
 
 def test_readme_description_test_is_reproduced(heldout):
-    """The README's description test (scripts/describe_images.py) on the same held-out images gives
-    the numbers the README quotes."""
+    """The description test (scripts/describe_images.py) on the same held-out images gives the
+    numbers docs/default_model.md quotes."""
     script = README.parent / "scripts" / "describe_images.py"
     run = subprocess.run([sys.executable, str(script), "--data", str(heldout), "--limit", "680"],
                          capture_output=True, text=True, timeout=600)
@@ -118,7 +120,7 @@ def test_readme_description_test_is_reproduced(heldout):
     row = next(line for line in run.stdout.splitlines() if line.startswith("| overall |"))
     exact, words, glyphs, names = (float(c.strip().rstrip("%")) for c in row.split("|")[2:6])
     assert "680 descriptions" in run.stdout
-    text = " ".join(README.read_text().split())
+    text = " ".join(DOC.read_text().split())
     claim = (f"{words}% of all words, {names}% of names (titles, colours, shapes, items), "
              f"**{glyphs}% of single letters and numbers**")
     assert claim in text, (claim, row)
