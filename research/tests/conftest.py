@@ -1,20 +1,12 @@
-"""Load a script from research/scripts/ as a module, so tests call its functions and main() directly."""
+"""Load a script from research/scripts/ as a module, with the package's shared fixtures."""
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 from pathlib import Path
-from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from tests.scripts.conftest import load_script as _load_script
 
+load_script = functools.partial(_load_script, folder=Path(__file__).resolve().parents[1] / "scripts")
 
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# The package's shared fixtures (tiny checkpoints and the like).
-pytest_plugins = ["tests.conftest"]
+pytest_plugins = ["tests.conftest"]  # tiny checkpoints and the like
