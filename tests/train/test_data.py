@@ -198,9 +198,10 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.lora.enabled and cfg.lora.targets == ["wq", "w1"] and cfg.freeze == ["vision_encoder"]
     from pixtral.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown key.*'optimizer'"):
+    unknown = r"c\.yaml: top level: unknown key\(s\) \['optimizer'\]; known: out_dir, model, data, lora, optim, freeze, "
+    with pytest.raises(ConfigError, match=unknown):
         load_config(path, ["optimizer.lr=1"])
-    with pytest.raises(ConfigError, match="c.yaml: steps: expected int"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: steps: expected an integer, got 'abc'$"):
         load_config(path, ["steps=abc"])
 
 
@@ -211,6 +212,64 @@ def test_config_refuses_bad_worker_counts(tmp_path):
     path.write_text("data:\n  train: a.jsonl\n")
     assert load_config(path).data.workers == 0  # one per core
     assert load_config(path, ["data.workers=3"]).data.workers == 3
-    for bad in ("-1", "true"):
-        with pytest.raises(ConfigError, match="'data.workers' must be a whole number >= 0"):
-            load_config(path, [f"data.workers={bad}"])
+    with pytest.raises(ConfigError, match="'data.workers' must be a whole number >= 0"):
+        load_config(path, ["data.workers=-1"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.workers: expected an integer, got True$"):
+        load_config(path, ["data.workers=true"])
+
+
+def test_config_errors_name_the_file_the_key_and_what_is_wrong(tmp_path):
+    """Every problem of a config, one line each: the file, the key path, what was expected and what
+    was given; YAML 1.1's 2e-4 (a string to PyYAML) is a number, and an empty section its defaults."""
+    from pixtral.errors import ConfigError
+    from pixtral.train.config import config_from_tree
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ndata:\n  train: a.jsonl\noptim:\n  lr: 2e-4\n  betas: [0.9, 1e-3]\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.betas == [0.9, 1e-3] and cfg.model.init == "preset:tiny"
+    path.write_text("optim:\n  lr: fast\n  lrr: 1\ndata:\n  train: [a.jsonl, 3]\nbf16: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: data.train[1]: expected a string, got 3",
+        f"{path}: optim.lr: expected a number, got 'fast'",
+        f"{path}: bf16: expected true or false, got 1",
+        f"{path}: optim: unknown key(s) ['lrr']; known: lr, min_lr_ratio, warmup_steps, weight_decay, betas, eps, "
+        "grad_clip, vision_lr_scale, encoder_lr_scale, image_feature_l2",
+    ]
+    with pytest.raises(ConfigError, match=r"^x\.pt: top level: expected a mapping, got \[1, 2\]$"):
+        config_from_tree([1, 2], "x.pt")
+    with pytest.raises(ConfigError, match=r"^config: model: expected a mapping, got 'tiny'$"):
+        load_config(None, ["model=tiny"])
+
+
+def test_config_dumps_to_yaml_and_back(tmp_path):
+    """What the trainer writes to config.yaml (and into checkpoints) reads back as the same config."""
+    import yaml
+
+    from pixtral.train.config import config_from_tree
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.jsonl\nmodel:\n  args: {dim: 64, vision: {num_hidden_layers: 2}}\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "freeze=[vision_encoder]"])
+    text = yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    assert config_from_tree(yaml.safe_load(text), "config.yaml") == cfg
+
+
+def test_removed_model_options_load_when_false_and_are_refused_when_true(tmp_path):
+    """model.blank_patch_init and model.local_encoder_init left the trainer: the config.yaml and
+    checkpoints of older runs hold them as false, and still load; true names what happened."""
+    import re
+
+    from pixtral.errors import ConfigError
+
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  train: a.jsonl\nmodel:\n  blank_patch_init: false\n  local_encoder_init: false\n")
+    cfg = load_config(path)
+    assert "blank_patch_init" not in cfg.model.model_dump() and "local_encoder_init" not in cfg.model.model_dump()
+    for key in ("blank_patch_init", "local_encoder_init"):
+        removed = (rf"^{re.escape(str(path))}: model\.{key}: this option was removed from the trainer .*"
+                   r"commit 7ac1025 has it \(git log, research/README\.md\)")
+        with pytest.raises(ConfigError, match=removed):
+            load_config(path, [f"model.{key}=true"])

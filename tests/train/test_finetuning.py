@@ -15,7 +15,7 @@ from pixtral.checkpoint.save import current_umask
 from pixtral.errors import ConfigError
 from pixtral.train.config import load_config
 from pixtral.train.metrics import read_metrics
-from pixtral.train.trainer import train
+from pixtral.train.trainer import export_checkpoint, train
 
 from .conftest import tiny_config, write_config
 from .test_train import PY, REPO, run_cli
@@ -45,8 +45,13 @@ def test_resume_with_changed_hyperparameters_follows_them_from_the_resumed_step(
 
 
 def test_resume_refuses_what_it_cannot_change_and_a_finished_run(tmp_path, chat_data):
+    """Also with the config of an older checkpoint, which holds removed options as false."""
     cfg = write_config(tmp_path / "a.yaml", tiny_config(tmp_path / "run", chat_data, steps=2))
     train(load_config(cfg), log=lambda *_: None)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["model"].update(blank_patch_init=False, local_encoder_init=False)
+    torch.save(state, ckpt)
     with pytest.raises(ConfigError, match=r"--resume: data\.seq_len, seed differ from the config of .*checkpoint\.pt"):
         train(load_config(cfg, ["seed=1", "data.seq_len=96", "steps=4"]), resume=True, log=lambda *_: None)
     tokenizer = (tmp_path / "run" / "tekken.json").read_bytes()
@@ -56,6 +61,12 @@ def test_resume_refuses_what_it_cannot_change_and_a_finished_run(tmp_path, chat_
     assert (tmp_path / "run" / "tekken.json").read_bytes() == tokenizer  # refused before anything was written
     with pytest.raises(ConfigError, match=r"is at step 2 and steps is 2: nothing left to train; raise steps"):
         train(load_config(cfg), resume=True, log=lambda *_: None)
+    dst, step = export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    assert step == 2 and (dst / "mistral" / "consolidated.safetensors").is_file()
+    state["config"]["model"]["local_encoder_init"] = True
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"checkpoint\.pt: model\.local_encoder_init: this option was removed"):
+        export_checkpoint(tmp_path / "run", tmp_path / "exported2")
 
 
 def purple_val(chat_data) -> str:

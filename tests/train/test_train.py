@@ -294,33 +294,6 @@ def test_learning_rates_of_the_encoder_and_the_rest_of_the_vision_path(chat_data
             load_config(None, [f"data.train={chat_data}", f"optim.encoder_lr_scale={bad}"]).validate()
 
 
-@pytest.mark.parametrize("blank_patch_init", [True, False])
-def test_blank_patch_init_embeds_a_white_page_to_zero(blank_patch_init):
-    """From scratch, `model.blank_patch_init` makes every patch filter orthogonal to a white patch
-    (in the preprocessing's normalised pixels): a blank page embeds to zero, a drawn one does not."""
-    from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
-
-    from pixtral.model import Pixtral
-    from pixtral.model import preset
-    from pixtral.train.trainer import init_weights
-
-    torch.manual_seed(0)
-    model = Pixtral(preset("tiny"))
-    init_weights(model, blank_patch_init)
-    mean, std = torch.tensor(DATASET_MEAN)[:, None, None], torch.tensor(DATASET_STD)[:, None, None]
-    white = torch.ones(3, 32, 32)
-    page = white.clone()
-    page[:, 4:12, 6:9] = 0.0  # a black stroke
-    with torch.no_grad():
-        blank, drawn = (model.vision_encoder.patchify([(img - mean) / std]) for img in (white, page))
-    drawn_norm = drawn.norm(dim=-1).max().item()
-    assert drawn_norm > 0.1
-    if blank_patch_init:
-        assert blank.abs().max().item() < 1e-5 * drawn_norm
-    else:
-        assert blank.norm(dim=-1).min().item() > 0.1 * drawn_norm
-
-
 def test_centering_encoder_init_subtracts_each_images_mean_token():
     """`model.centering_encoder_init` starts the vision transformer as `x - mean(x)` over each image
     (attention kept inside each image), where x is `ln_pre` of the patch embeddings: a page's
@@ -394,57 +367,6 @@ def test_frozen_zero_branches_are_skipped_with_the_same_features_and_gradients()
     assert skip_zero_branches(model) == 2 * len(layers) - 2 and type(layers[1]) is WithoutAttention
 
 
-def test_local_encoder_init_embeds_a_patch_the_same_beside_anything():
-    """`model.local_encoder_init`: each patch token leaves the encoder as `ln_pre` of its own
-    pixels. The same stroke embeds identically on a plain page and on a page with a large coloured
-    block elsewhere, every white patch to one shared vector, and bf16 autocast agrees with float32;
-    with the centering start the stroke's token moves with the rest of the image."""
-    from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
-
-    from pixtral.model import Pixtral
-    from pixtral.model import preset
-    from pixtral.train.trainer import init_weights
-
-    p = preset("tiny").vision.patch_size
-    white = ((1 - torch.tensor(DATASET_MEAN)) / torch.tensor(DATASET_STD))[:, None, None]
-    plain = white.expand(3, 3 * p, 4 * p).clone()
-    plain[:, 4:12, 6:9] = -1.0  # a stroke in the first patch
-    busy = plain.clone()
-    busy[:, p:, p:] = torch.tensor([-1.0, 0.5, -0.5])[:, None, None]  # a coloured block over most patches
-
-    def encoder(**init):
-        torch.manual_seed(0)
-        model = Pixtral(preset("tiny"))
-        init_weights(model, **init)
-        return model.vision_encoder
-
-    local = encoder(local_encoder=True)
-    with torch.no_grad():
-        on_plain, on_busy = (local([image])[0] for image in (plain, busy))
-        x = local.ln_pre(local.patchify([plain]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            in_bf16 = local([plain])[0].float()
-    torch.testing.assert_close(on_plain, x)
-    torch.testing.assert_close(on_plain[0], on_busy[0])
-    torch.testing.assert_close(on_plain[1:], on_plain[1:2].expand(11, -1))  # white: one shared vector
-    assert (on_plain[0] - on_plain[1]).norm() > 0.3 * on_plain[1].norm()
-    assert ((in_bf16 - on_plain).norm(dim=-1) / on_plain.norm(dim=-1)).max() < 0.02
-    centring = encoder(centering_encoder=True)
-    with torch.no_grad():
-        centred_plain, centred_busy = (centring([image])[0] for image in (plain, busy))
-    assert (centred_plain[0] - centred_busy[0]).norm() > 0.3 * centred_plain[0].norm()
-
-
-@pytest.mark.parametrize("other", ["centering_encoder_init", "blank_patch_init"])
-def test_local_encoder_init_refuses_what_it_cannot_be_combined_with(other):
-    from pixtral.errors import ConfigError
-    from pixtral.train.config import load_config
-
-    with pytest.raises(ConfigError, match=f"model.{other}|{other} and model.local_encoder_init"):
-        load_config(None, ["data.train=[x.jsonl]", f"model.{other}=true", "model.local_encoder_init=true"])
-    assert load_config(None, ["data.train=[x.jsonl]", "model.local_encoder_init=true"]).model.local_encoder_init
-
-
 def test_final_save_keeps_the_mistral_layout_when_hf_cannot_hold_the_model(tmp_path):
     """A patch merger without its pre-projector norm has no transformers class: the trainer's final
     save writes the Mistral layout, says why the HF one is missing, and does not fail the run."""
@@ -482,7 +404,6 @@ def test_from_scratch_settings_are_refused_with_a_checkpoint_init(chat_data):
     base = [f"data.train={chat_data}", "model.init=some/checkpoint"]
     load_config(None, base).validate()
     for extra, key in (("model.args.dim=64", "model.args"), ("model.tokenizer_ranks=300", "model.tokenizer_ranks"),
-                       ("model.centering_encoder_init=true", "model.centering_encoder_init"),
-                       ("model.blank_patch_init=true", "model.blank_patch_init")):
+                       ("model.centering_encoder_init=true", "model.centering_encoder_init")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*only apply from scratch"):
             load_config(None, base + [extra]).validate()

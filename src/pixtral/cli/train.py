@@ -40,6 +40,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pixtral.cli.common import require
+
+    require("train", "train")
+
     from pixtral.errors import ConfigError
     from pixtral.train.config import load_config
     from pixtral.train.trainer import export_checkpoint, train

@@ -1,87 +1,127 @@
-"""Training configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides."""
+"""Training configuration: pydantic models loaded from YAML, with `--set section.key=value` overrides."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from pixtral.errors import ConfigError
 
 
-@dataclass
-class ModelConfig:
+def _yaml_float(value):
+    """YAML 1.1 (PyYAML) reads 2e-4 (no dot) as a string: take it as the number it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _as_list(value):
+    return [value] if isinstance(value, str) else value  # `train: a.jsonl` is a list of one
+
+
+Float = Annotated[float, BeforeValidator(_yaml_float)]  # also takes an integer (strict mode does)
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class _Section(BaseModel):
+    # Strict: YAML gives real ints and bools, so 1 is no bool and true no int; floats also take ints.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, values):
+        return {} if values is None else values  # `model:` with nothing under it
+
+
+# Vision-encoder starts that only research experiments used, removed from the trainer. Configs of
+# old runs (config.yaml, checkpoints) hold them as false: those still load, the key dropped.
+REMOVED_MODEL_OPTIONS = ("blank_patch_init", "local_encoder_init")
+REMOVED_IN = "7ac1025"  # the last commit whose trainer has them
+
+
+class ModelConfig(_Section):
     # "preset:NAME" (from scratch), "default" (the small model shipped in the package) or a checkpoint
     # directory (either layout; write ./default for a folder of that name)
     init: str = "preset:tiny"
-    args: dict = field(default_factory=dict)  # ModelArgs overrides for a preset; vision fields under "vision"
+    args: dict[str, Any] = {}  # ModelArgs overrides for a preset; vision fields under "vision"
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own, or mistral-common's
     tokenizer_ranks: int | None = None  # from scratch: a reduced Tekken with this many BPE ranks
-    # From scratch: start every patch-embedding filter orthogonal to a blank (white) patch, so that
-    # the page background embeds to zero (see `trainer.init_weights`).
-    blank_patch_init: bool = False
     # From scratch: start the vision encoder as "subtract the image's mean token" (its first
     # attention layer averages uniformly over the image, the others add nothing), so a drawing
     # stands out from the page it is on (see `trainer.init_centering_encoder`).
     centering_encoder_init: bool = False
-    # From scratch: start every residual branch of the vision encoder at zero, so each patch token
-    # is `ln_pre` of its own pixels, the same wherever and beside whatever it is drawn (see
-    # `trainer.init_local_encoder`).
-    local_encoder_init: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_options(cls, values):
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key in REMOVED_MODEL_OPTIONS:
+            if key in values and values[key] is False:
+                del values[key]
+            elif key in values:
+                raise PydanticCustomError(
+                    "removed_option",
+                    "this option was removed from the trainer (a research experiment's start that the shipped "
+                    "recipe does not use); the trainer of commit {commit} has it (git log, research/README.md): "
+                    "run this config there, or drop the key",
+                    {"key": key, "commit": REMOVED_IN})
+        return values
 
 
-@dataclass
-class DataConfig:
-    train: list = field(default_factory=list)  # JSONL files
-    val: list = field(default_factory=list)
+class DataConfig(_Section):
+    train: StrList = []  # JSONL files
+    val: StrList = []
     format: str = "auto"  # chat | document | auto (per line)
     seq_len: int = 2048  # tokens per packed sequence; longer samples are skipped and reported
     on_error: str = "skip"  # skip | fail
     workers: int = 0  # processes that encode the data at the start; 0: one per CPU core (per rank)
 
 
-@dataclass
-class LoRAConfig:
+class LoRAConfig(_Section):
     enabled: bool = False
     rank: int = 8
-    alpha: float = 16.0
-    targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    alpha: Float = 16.0
+    targets: StrList = ["wq", "wk", "wv", "wo"]
     vision_encoder: bool = False
     adapter: bool = False
     merge: bool = True  # final save: merged full model (True) and always the adapters alone
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+class OptimConfig(_Section):
+    lr: Float = 3e-4
+    min_lr_ratio: Float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables
-    vision_lr_scale: float = 1.0  # lr multiplier for the vision encoder, adapter and patch merger
+    weight_decay: Float = 0.0
+    betas: list[Float] = [0.9, 0.95]
+    eps: Float = 1e-8
+    grad_clip: Float = 1.0  # 0 disables
+    vision_lr_scale: Float = 1.0  # lr multiplier for the vision encoder, adapter and patch merger
     # A further multiplier for the vision encoder alone (and its pre-projector norm), e.g. to let an
     # encoder trained from scratch take smaller steps than the adapter that reads from it.
-    encoder_lr_scale: float = 1.0
+    encoder_lr_scale: Float = 1.0
     # Weight of the mean square of the image features (adapter output) added to the training loss,
     # per target token. A vision encoder trained from scratch otherwise grows image features
     # thousands of times larger than text embeddings; behind the decoder's RMSNorm, its updates then
     # barely change what the decoder sees, and it learns to read very slowly. 0 disables.
-    image_feature_l2: float = 0.0
+    image_feature_l2: Float = 0.0
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     out_dir: str = "runs/train"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    freeze: list = field(default_factory=list)  # any of: vision_encoder, adapter, decoder
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    freeze: StrList = []  # any of: vision_encoder, adapter, decoder
     steps: int = 100
     micro_batch_size: int = 1  # packed sequences per forward pass, per process
     grad_accum: int = 1  # forward passes per optimizer step, per process
@@ -102,12 +142,13 @@ class TrainConfig:
     early_stop_after: int = 0  # stop after this many validations in a row without a new best (0: never)
     # Longest wait in any collective (seconds) before a rank gives up, naming the step; a checkpoint
     # save is one such wait for the ranks that do not write it.
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: Float = 1800.0
     log_every: int = 10
     save_dtype: str = "float32"  # dtype of the final model files
     progress: bool = True
 
     def validate(self) -> None:
+        """The checks across keys and of values; `load_config` runs them unless told not to."""
         for name in ("steps", "micro_batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
@@ -122,21 +163,11 @@ class TrainConfig:
             raise ConfigError(f"config: 'dist_timeout_s' must be positive, got {self.dist_timeout_s}")
         if not self.model.init.startswith("preset:"):  # a checkpoint brings its own architecture and weights
             scratch_only = {"args": bool(self.model.args), "tokenizer_ranks": self.model.tokenizer_ranks is not None,
-                            "blank_patch_init": self.model.blank_patch_init,
-                            "centering_encoder_init": self.model.centering_encoder_init,
-                            "local_encoder_init": self.model.local_encoder_init}
+                            "centering_encoder_init": self.model.centering_encoder_init}
             given = [f"model.{k}" for k, on in scratch_only.items() if on]
             if given:
                 raise ConfigError(f"config: {', '.join(given)} only apply from scratch (model.init: preset:NAME), "
                                   f"but model.init is the checkpoint {self.model.init!r}")
-        if self.model.centering_encoder_init and self.model.local_encoder_init:
-            raise ConfigError("config: model.centering_encoder_init and model.local_encoder_init are two different "
-                              "starts for the vision encoder; choose one")
-        if self.model.local_encoder_init and self.model.blank_patch_init:
-            # Measured: a white patch embeds to norm 0.006 in float32 and 9.3 under bf16 autocast.
-            raise ConfigError("config: model.local_encoder_init with model.blank_patch_init: a white patch then "
-                              "embeds to rounding noise that the encoder's ln_pre scales up to full size, so the "
-                              "model would see a different background in bf16 and in float32; drop one of them")
         bad = set(self.freeze) - {"vision_encoder", "adapter", "decoder"}
         if bad:
             raise ConfigError(f"config: unknown 'freeze' entries {sorted(bad)} (use vision_encoder, adapter, decoder)")
@@ -151,36 +182,56 @@ class TrainConfig:
             raise ConfigError(f"config: 'save_dtype' must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if self.data.on_error not in ("skip", "fail"):
             raise ConfigError(f"config: 'data.on_error' must be 'skip' or 'fail', got {self.data.on_error!r}")
-        if not isinstance(self.data.workers, int) or isinstance(self.data.workers, bool) or self.data.workers < 0:
+        if self.data.workers < 0:  # an integer already (true is refused when the config is read)
             raise ConfigError(f"config: 'data.workers' must be a whole number >= 0 (0: one per CPU core), "
                               f"got {self.data.workers!r}")
 
 
-def _build(cls, values: dict, source: str, prefix: str = ""):
-    where = f"{source}: {prefix.rstrip('.') or 'top level'}"
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, source, f"{prefix}{name}.")
-            continue
-        if isinstance(default, list) and isinstance(value, str):
-            value = [value]
-        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
-            except ValueError:
-                pass
-        if default is not None and value is not None and not isinstance(value, type(default)):
-            raise ConfigError(f"{source}: {prefix}{name}: expected {type(default).__name__}, got {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping"}
+
+
+def _section(loc: tuple) -> type[BaseModel]:
+    cls = TrainConfig
+    for part in loc:
+        cls = cls.model_fields[part].annotation
+    return cls
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    """One line per problem: `SOURCE: KEY.PATH: what is wrong` (the key path `top level` for the file itself)."""
+    def where(loc) -> str:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        return f"{source}: {path or 'top level'}"
+
+    lines, unknown = [], {}
+    for err in exc.errors(include_url=False):
+        loc, kind = tuple(err["loc"]), err["type"]
+        if kind == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(loc[-1])
+        elif kind == "removed_option":
+            lines.append(f"{where(loc + (err['ctx']['key'],))}: {err['msg']}")
+        elif kind in _EXPECTED:
+            lines.append(f"{where(loc)}: expected {_EXPECTED[kind]}, got {_short(err['input'])}")
+        else:
+            lines.append(f"{where(loc)}: {err['msg']}, got {_short(err['input'])}")
+    for loc, keys in unknown.items():
+        lines.append(f"{where(loc)}: unknown key(s) {sorted(keys)}; known: {', '.join(_section(loc).model_fields)}")
+    return "\n".join(lines)
+
+
+def config_from_tree(tree: Any, source: str) -> TrainConfig:
+    """A config from its YAML tree (a file's, or the one a checkpoint stores); `source` names it in errors.
+    Keys left out take their defaults. Not validated across keys: see `TrainConfig.validate`."""
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -211,7 +262,7 @@ def resolve_init(init: str) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), check: bool = True) -> TrainConfig:
-    tree: dict[str, Any] = {}
+    tree: Any = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -223,13 +274,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check: bool 
         where = str(path)
     else:
         where = "config"
+    if overrides and not isinstance(tree, dict):
+        raise ConfigError(f"{where}: top level: expected a mapping, got {_short(tree)}")
     for assignment in overrides:
         apply_override(tree, assignment)
-    cfg = _build(TrainConfig, tree, where)
+    cfg = config_from_tree(tree, where)
     if check:
         cfg.validate()
     return cfg
-
-
-def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -31,7 +31,7 @@ from pixtral.model.attention import PackedCausal
 from pixtral.model.pixtral import Pixtral
 from pixtral.model.presets import preset
 from pixtral.train import distributed
-from pixtral.train.config import TrainConfig, _build, resolve_init, to_dict
+from pixtral.train.config import TrainConfig, config_from_tree, resolve_init
 from pixtral.train.data import Example, load_files, load_images
 from pixtral.train.lora import LoRALinear, apply_lora, export_lora, merge_lora
 from pixtral.train.metrics import MetricsLog, plot_losses
@@ -97,20 +97,9 @@ def model_args_from(cfg: TrainConfig) -> ModelArgs:
     return args
 
 
-def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encoder: bool = False,
-                 local_encoder: bool = False) -> None:
-    """GPT-style init for training from scratch: N(0, 0.02), residual outputs scaled by depth.
-
-    With `blank_patch_init`, each patch-embedding filter then loses its component along a blank
-    white patch (as the image preprocessing normalises it), so a white background embeds to
-    exactly zero. Otherwise every token of a mostly white image carries one shared vector, many
-    times larger than what the drawing adds, and (our reading) each optimizer step on the adapter
-    moves that shared vector by more than the glyphs differ. On a single-glyph reading task
-    (name the one letter or digit drawn on a small white image), a 4-layer model with a frozen
-    random encoder stayed at chance through 1400 steps without this; with it, and without the
-    pre-projector RMSNorm (which scales the near-zero background tokens back up), it began to
-    read at step 1000. On the full synthetic data it did not help (README, "The default model").
-    """
+def init_weights(model: Pixtral, centering_encoder: bool = False) -> None:
+    """GPT-style init for training from scratch: N(0, 0.02), residual outputs scaled by depth;
+    with `centering_encoder`, the vision encoder then starts as `init_centering_encoder`."""
     std = 0.02
     for name, p in model.named_parameters():
         if p.dim() < 2:
@@ -120,12 +109,8 @@ def init_weights(model: Pixtral, blank_patch_init: bool = False, centering_encod
             depth = model.args.n_layers if name.startswith("layers.") else model.args.vision.num_hidden_layers
             s = std / math.sqrt(2 * depth)
         nn.init.normal_(p, 0.0, s)
-    if blank_patch_init and model.args.vision is not None:
-        remove_blank_patch_component(model.vision_encoder.patch_conv.weight)
     if centering_encoder and model.args.vision is not None:
         init_centering_encoder(model.vision_encoder)
-    if local_encoder and model.args.vision is not None:
-        init_local_encoder(model.vision_encoder)
 
 
 @torch.no_grad()
@@ -151,30 +136,11 @@ def init_centering_encoder(encoder) -> None:
 @torch.no_grad()
 def init_local_encoder(encoder) -> None:
     """Start every residual branch of the vision transformer at zero: each patch token leaves it as
-    `ln_pre(patch_conv(patch))`, a function of its own 16x16 pixels only.
-
-    The centering start subtracts the image's mean token, and that mean moves with whatever else is
-    drawn: a glyph on a page with a large coloured bar embeds differently from the same glyph on a
-    white page. Here a glyph embeds the same in every image, wherever it is, and every white patch
-    to one shared vector. Not with `blank_patch_init` (the config refuses it): a white patch would
-    embed to rounding noise that `ln_pre` scales to full size, a different vector in bf16 than in
-    float32.
-    """
+    `ln_pre(patch_conv(patch))`, a function of its own 16x16 pixels only (the first step of
+    `init_centering_encoder`)."""
     for block in encoder.transformer.layers:
         block.attention.wo.weight.zero_()
         block.feed_forward.w2.weight.zero_()
-
-
-@torch.no_grad()
-def remove_blank_patch_component(weight: torch.Tensor) -> None:
-    """Patch filters [D, C, p, p] made orthogonal to a white patch in normalised pixel space."""
-    from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
-
-    mean, std = torch.tensor(DATASET_MEAN), torch.tensor(DATASET_STD)
-    white = ((1 - mean) / std)[:, None, None].expand(weight.shape[1:]).reshape(-1).to(weight)
-    u = white / white.norm()
-    flat = weight.view(weight.shape[0], -1)
-    flat -= (flat @ u)[:, None] * u[None, :]
 
 
 def build_model(cfg: TrainConfig, out: Path, d: distributed.Dist):
@@ -188,8 +154,7 @@ def build_model(cfg: TrainConfig, out: Path, d: distributed.Dist):
     else:
         args = model_args_from(cfg)
         model = Pixtral(args)
-        init_weights(model, cfg.model.blank_patch_init, cfg.model.centering_encoder_init,
-                     cfg.model.local_encoder_init)
+        init_weights(model, cfg.model.centering_encoder_init)
         tok = Path(cfg.model.tokenizer) if cfg.model.tokenizer else out / "tekken.json"
         with distributed.together(d, f"while writing {tok}"):
             if d.main and not cfg.model.tokenizer:
@@ -445,7 +410,7 @@ def save_checkpoint(run: Run, step: int) -> None:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "data_position": run.position(step),
                 "best": {"step": b.step, "val_loss": b.val_loss, "since": b.since},
-                "config": to_dict(run.cfg),
+                "config": run.cfg.model_dump(),
             })
             _prune_best(run.out, {b.step})
     b.committed = b.step
@@ -532,7 +497,7 @@ def _prepare(cfg: TrainConfig, resume: bool, d, log) -> Run:
     with distributed.together(d, f"while writing {out / 'metrics.jsonl'}"):
         if d.main:
             run.metrics = MetricsLog(out / "metrics.jsonl", run.start if resume else None)
-            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     return run
 
 
@@ -612,24 +577,23 @@ def _resume(run: Run, ckpt_path: Path, changed: list[str]) -> None:
             _prune_best(run.out, {run.best.step})  # one from the steps about to be redone is stale
     run.log(f"resumed from {ckpt_path} at step {start}")
     if changed:
-        old_tree, new_tree = _checkpoint_config(ckpt_path)[0], to_dict(cfg)
+        old_tree, new_tree = _checkpoint_config(ckpt_path)[0].model_dump(), cfg.model_dump()
         run.log(f"changed since the checkpoint, in effect from step {start + 1}: "
                 + ", ".join(f"{k} {_value(old_tree, k)!r} -> {_value(new_tree, k)!r}" for k in changed))
         if "data.val" in changed:
             run.log("data.val changed: the best validation loss so far is forgotten")
 
 
-def _checkpoint_config(ckpt_path: Path) -> tuple[dict, int]:
+def _checkpoint_config(ckpt_path: Path) -> tuple[TrainConfig, int]:
     """The config (with defaults where it predates a key) and step of a checkpoint, without reading its tensors."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return to_dict(_build(TrainConfig, state["config"], str(ckpt_path))), state["step"]
+    return config_from_tree(state["config"], str(ckpt_path)), state["step"]
 
 
 def _check_resumable(cfg: TrainConfig, ckpt_path: Path) -> list[str]:
     """The keys that differ from the checkpoint's config; refuses the ones a resume cannot change."""
-    old_tree, start = _checkpoint_config(ckpt_path)
-    old = _build(TrainConfig, old_tree, str(ckpt_path))
-    changed = sorted(k for k in _changed_keys(old_tree, to_dict(cfg)) if k != "out_dir")  # runs may move
+    old, start = _checkpoint_config(ckpt_path)
+    changed = sorted(k for k in _changed_keys(old.model_dump(), cfg.model_dump()) if k != "out_dir")  # runs may move
     fixed = [k for k in changed if _fixed(k)]
     if fixed:
         raise ConfigError(f"--resume: {', '.join(fixed)} differ from the config of {ckpt_path}; they define the model, "
@@ -866,7 +830,7 @@ def export_checkpoint(run_dir: str | Path, dst: str | Path) -> tuple[Path, int]:
     if not (run_dir / CHECKPOINT).is_file():
         raise ConfigError(f"{run_dir}: no {CHECKPOINT} to export (is it a training run's out_dir?)")
     state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    cfg = _build(TrainConfig, state["config"], str(run_dir / CHECKPOINT))
+    cfg = config_from_tree(state["config"], str(run_dir / CHECKPOINT))
     init = resolve_init(cfg.model.init)
     if init.startswith("preset:"):
         args = model_args_from(cfg)
