@@ -61,6 +61,7 @@ def test_errors_are_one_line_without_traceback(args, message):
     (["serve"], "fastapi", "server"),
     (["eval", "synth", "--data", "x"], "openai", "eval"),
     (["data", "synth", "--out", "x", "--n", "1"], "tqdm", "train"),
+    (["train", "--config", "x.yaml"], "yaml", "train"),
 ])
 def test_a_missing_optional_dependency_names_its_extra(command, hidden, extra):
     # A Python that cannot import one of the extra's packages (as on a core-only install).
