@@ -7,7 +7,7 @@ import torch
 from tiny_model import EagerGraph, assert_chats_match_reference, image_uri, user
 
 from pixtral.engine import LLM, Engine, EngineConfig, Prompt
-from pixtral.engine.attention import BatchedDecodeAttention, DecodeAttention, PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import DecodeAttention, PagedAttention, SeqChunk, slot_mapping
 from pixtral.engine.block_allocator import NULL_BLOCK, BlockAllocator
 from pixtral.engine.encoder_cache import EncoderCache
 from pixtral.engine.inputs import chat_prompt
@@ -101,28 +101,47 @@ def test_decode_attention_static_shapes_match_paged(model):
         torch.testing.assert_close(paged[i: i + 1], sdpa(q[i: i + 1], k_flat[s], v_flat[s]))
 
 
-def test_batched_decode_attention_matches_per_sequence(model):
-    """The CPU decode-only context (one SDPA call for all rows) equals the per-sequence one, and
-    reads only written slots: the rest of the cache is NaN here."""
+def mixed_step(args, chunks: list[SeqChunk], cached: list[int], seed: int):
+    """A cache holding each sequence's first `cached` tokens (NaN everywhere else) and this step's q/k/v."""
+    torch.manual_seed(seed)
+    cache = filled_cache(args, [c.block_ids for c in chunks], cached, unwritten=float("nan"))
+    tokens = sum(c.length for c in chunks)
+    q = torch.randn(tokens, args.n_heads, args.head_dim)
+    k = torch.randn(tokens, args.n_kv_heads, args.head_dim)
+    v = torch.randn(tokens, args.n_kv_heads, args.head_dim)
+    return cache, q, k, v
+
+
+MIXED_STEPS = {  # (start, length, blocks of 4 slots) per sequence; `start` tokens are cached before
+    "decodes only": [(9, 1, [3, 5, 1]), (3, 1, [7]), (12, 1, [2, 9, 10, 11]), (4, 1, [4, 6])],
+    "a new prompt among decodes": [(9, 1, [3, 5, 1]), (0, 7, [8, 0]), (3, 1, [7])],
+    "a prefix hit: a chunk after cached blocks": [(8, 5, [3, 5, 1, 4]), (2, 1, [7])],
+    "chunks crossing block boundaries": [(3, 6, [3, 5, 1]), (0, 4, [7]), (5, 3, [2, 9])],
+    "single-token chunks of prompts": [(0, 1, [3]), (6, 1, [7, 5]), (0, 9, [2, 9, 10]), (11, 1, [4, 6, 8])],
+    "several prompt chunks of different lengths": [(0, 10, [3, 5, 1]), (4, 2, [7, 6]), (7, 5, [2, 9, 10])],
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED_STEPS))
+def test_batched_attention_matches_the_per_sequence_reference(model, name):
+    """Decode rows and prompt chunks of many sequences in batched calls equal one call per sequence,
+    and read only written slots: the rest of the cache is NaN."""
     args = model.args
-    torch.manual_seed(1)
-    tables = [[3, 5, 1], [7], [2, 9, 10, 11], [4, 6]]
-    lengths = [9, 3, 12, 4]  # tokens cached before this step (the last row starts a new block)
-    cache = filled_cache(args, tables, lengths, unwritten=float("nan"))
-    q = torch.randn(4, args.n_heads, args.head_dim)
-    k = torch.randn(4, args.n_kv_heads, args.head_dim)
-    v = torch.randn(4, args.n_kv_heads, args.head_dim)
-    chunks = [SeqChunk(n, 1, t) for n, t in zip(lengths, tables)]
-    paged = PagedAttention(cache, chunks, torch.device("cpu")).attend(1, q, k, v)
-    ctx = BatchedDecodeAttention(cache, lengths, tables, torch.device("cpu"))
-    assert ctx.positions.tolist() == lengths
+    chunks = [SeqChunk(start, length, blocks) for start, length, blocks in MIXED_STEPS[name]]
+    cached = [c.start for c in chunks]
+    cache, q, k, v = mixed_step(args, chunks, cached, seed=len(name))
+    ctx = PagedAttention(cache, chunks, torch.device("cpu"))
+    assert len(ctx.groups) == len({c.length == 1 for c in chunks}) and not ctx.alone  # one call per kind of row
     batched = ctx.attend(1, q, k, v)
+    reference_cache, *_ = mixed_step(args, chunks, cached, seed=len(name))
+    reference = PagedAttention(reference_cache, chunks, torch.device("cpu")).attend_each(1, q, k, v)
     assert torch.isfinite(batched).all()
-    torch.testing.assert_close(batched, paged, rtol=1e-5, atol=1e-5)
-    # one row alone: no padding, no mask
-    alone = BatchedDecodeAttention(cache, lengths[2:3], tables[2:3], torch.device("cpu"))
-    assert alone.mask is None
-    torch.testing.assert_close(alone.attend(1, q[2:3], k[2:3], v[2:3]), paged[2:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
+    # A sequence's rows do not depend on the others of the step.
+    first = PagedAttention(reference_cache, chunks[:1], torch.device("cpu")).attend(1, q[: chunks[0].length],
+                                                                                  k[: chunks[0].length],
+                                                                                  v[: chunks[0].length])
+    torch.testing.assert_close(batched[: chunks[0].length], first, rtol=1e-5, atol=1e-5)
 
 
 def test_long_prefill_does_not_stall_decodes(model, processor):
@@ -222,19 +241,21 @@ def test_cuda_graph_capture_all_covers_every_shape_run_can_ask_for(model, proces
                 assert (decoder._batch(n), width) in decoder.graphs, (n, context)
 
 
-def test_decode_past_the_gather_limit_takes_the_per_sequence_path(model, processor, monkeypatch):
-    """Decode steps whose padded gather would be too large run per sequence, with the same tokens."""
-    import pixtral.engine.model_runner as model_runner
+def test_steps_past_the_gather_limit_take_the_per_sequence_path(model, processor, monkeypatch):
+    """Groups whose padded gather would be too large run one call per sequence, with the same tokens."""
+    import pixtral.engine.attention as attention
 
     convs = [[user(f"Picture {i}", image_uri(60 + i))] for i in range(3)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    batched = LLM.from_model(model, processor, num_blocks=256).chat(convs, greedy)
-    used = []
-    original = BatchedDecodeAttention.__init__
-    monkeypatch.setattr(BatchedDecodeAttention, "__init__", lambda self, *a: used.append(1) or original(self, *a))
-    monkeypatch.setattr(model_runner, "MAX_GATHER_TOKENS", 1)
-    per_sequence = LLM.from_model(model, processor, num_blocks=256).chat(convs, greedy)
-    assert not used
+    options = dict(num_blocks=256, max_num_batched_tokens=40, max_num_seqs=4)  # chunked prompts beside decodes
+    batched = LLM.from_model(model, processor, **options).chat(convs, greedy)
+    alone = []
+    original = attention.PagedAttention._attend_one
+    monkeypatch.setattr(attention.PagedAttention, "_attend_one",
+                        lambda self, *a: alone.append(1) or original(self, *a))
+    monkeypatch.setattr(attention, "MAX_GATHER_TOKENS", 1)
+    per_sequence = LLM.from_model(model, processor, **options).chat(convs, greedy)
+    assert alone
     assert [o.outputs[0].token_ids for o in per_sequence] == [o.outputs[0].token_ids for o in batched]
 
 

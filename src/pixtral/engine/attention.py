@@ -1,14 +1,21 @@
 """Attention contexts over the paged KV cache, one per engine step.
 
 `PagedAttention` serves any mix of prefill chunks and decodes: a flat run of tokens from many
-sequences. It writes the new keys/values into their slots, then, sequence by sequence, gathers
-that sequence's blocks and calls SDPA: simple, exact, and each sequence's result does not
-depend on what else is in the batch (bit for bit).
+sequences. It writes the new keys and values into their slots, then attends in batched calls,
+one per kind of row rather than one per sequence:
 
-`BatchedDecodeAttention` serves steps made only of decodes (one new token per sequence): all
-rows in one fused SDPA call per layer, keys gathered to the longest context and masked per row.
-It replaces a few kernel calls per sequence and layer by a few per layer, which is most of a
-decode step's cost for small models on the CPU.
+- decode rows (one query each): all in one call, each row's keys gathered to the longest context
+  and masked past its own;
+- prompt chunks (many queries each): on the CPU all in one call, queries padded to the longest
+  chunk, keys to the longest context, each query seeing its sequence up to its own position. On
+  the GPU each chunk keeps its own call, on its own keys with the causal diagonal moved (a masked
+  call would fall back to the math kernel there, which materialises every score).
+
+Two calls rather than one because the shapes differ: padding decode rows to a prompt chunk's
+length would multiply their attention work by that length. Past `MAX_GATHER_TOKENS` gathered
+keys a group falls back to one call per sequence (`attend_each`, also the reference the tests
+compare with), which gathers only real tokens. Batched and per-sequence results agree up to
+float32 summation order; greedy tokens are the same (tested).
 
 `DecodeAttention` is the static-shape variant for CUDA graphs: one new token per row, block
 tables padded to a fixed width, attention masked by each row's context length. Given a
@@ -54,6 +61,43 @@ def slot_mapping(chunks: list[SeqChunk], block_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+@dataclass
+class Group:
+    """Sequences attended in one call: `rows` [T_g] of the flat batch, padded to [B, L] queries
+    (`query_slots`, where each row goes) against [B, C] gathered keys (`gather`, flat cache slots,
+    each sequence's clamped to its last written one) under `mask` [B, 1, L, C] (None: all visible)."""
+
+    members: list[int]
+    rows: torch.Tensor
+    query_slots: torch.Tensor
+    gather: torch.Tensor
+    mask: torch.Tensor | None
+    width: int  # L
+    context: int  # C
+
+
+def group(chunks: list[SeqChunk], members: list[int], offsets: np.ndarray, block_size: int,
+          device: torch.device) -> Group:
+    picked = [chunks[i] for i in members]
+    width = max(c.length for c in picked)
+    context = max(c.start + c.length for c in picked)
+    rows, query_slots, gathers, masks = [], [], [], []
+    for b, c in enumerate(picked):
+        end = c.start + c.length
+        rows.append(np.arange(c.length) + offsets[members[b]])
+        query_slots.append(b * width + np.arange(c.length))
+        keys = np.minimum(np.arange(context), end - 1)  # only written slots are read
+        table = np.asarray(c.block_ids, dtype=np.int64)
+        gathers.append(table[keys // block_size] * block_size + keys % block_size)
+        queries = c.start + np.arange(width)  # query i sits at start + i (padding rows see key 0 only)
+        visible = np.arange(context)[None, :] <= np.where(np.arange(width) < c.length, queries, 0)[:, None]
+        masks.append(visible)
+    mask = np.stack(masks)[:, None]
+    as_tensor = lambda a: torch.from_numpy(np.concatenate(a)).to(device)  # noqa: E731
+    return Group(members, as_tensor(rows), as_tensor(query_slots), as_tensor(gathers),
+                 None if mask.all() else torch.from_numpy(mask).to(device), width, context)
+
+
 class PagedAttention:
     def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], device: torch.device):
         self.cache, self.chunks = cache, chunks
@@ -62,28 +106,62 @@ class PagedAttention:
             np.concatenate([np.arange(c.start, c.start + c.length) for c in chunks])).to(device)
         self.slots = torch.from_numpy(slot_mapping(chunks, bs)).to(device)
         self.lengths = [c.length for c in chunks]
-        # Blocks holding each chunk's keys so far; None when nothing is cached before the chunk
-        # (it then attends to its own k/v alone).
-        self.blocks = [None if c.start == 0 else
-                       torch.tensor(c.block_ids[: -(-(c.start + c.length) // bs)], dtype=torch.long, device=device)
-                       for c in chunks]
+        offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
+        decodes = [i for i, c in enumerate(chunks) if c.length == 1]
+        prompts = [i for i, c in enumerate(chunks) if c.length > 1]
+        kinds = [decodes] + ([prompts] if device.type == "cpu" else [[i] for i in prompts])
+        self.groups, self.alone = [], []
+        for members in filter(None, kinds):
+            gathered = len(members) * max(chunks[i].start + chunks[i].length for i in members)
+            if len(members) > 1 and gathered > MAX_GATHER_TOKENS:
+                self.alone += members
+            else:
+                self.groups.append(group(chunks, members, offsets, bs, device))
+        self._offsets = offsets
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
-        outs = []
-        for c, blocks, qs, ks, vs in zip(self.chunks, self.blocks, q.split(self.lengths), k.split(self.lengths),
-                                         v.split(self.lengths)):
-            if blocks is None:
-                outs.append(sdpa(qs, ks, vs, causal=True))
-                continue
-            end = c.start + c.length
-            keys = self.cache.k[layer].index_select(0, blocks).flatten(0, 1)[:end]
-            values = self.cache.v[layer].index_select(0, blocks).flatten(0, 1)[:end]
-            # The chunk's queries are the last c.length of the `end` keys: query i sees up to start + i.
-            outs.append(sdpa(qs, keys, values, causal=True))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        if len(self.groups) == 1 and not self.alone and len(self.groups[0].members) == len(self.chunks):
+            return self._attend_group(layer, q, self.groups[0])  # one kind of row: no scatter needed
+        out = torch.empty_like(q)
+        for g in self.groups:
+            out.index_copy_(0, g.rows, self._attend_group(layer, q.index_select(0, g.rows), g))
+        for i in self.alone:
+            rows = slice(int(self._offsets[i]), int(self._offsets[i]) + self.lengths[i])
+            out[rows] = self._attend_one(layer, q[rows], self.chunks[i])
+        return out
+
+    def _attend_group(self, layer: int, q: torch.Tensor, g: Group) -> torch.Tensor:
+        """q [T_g, Hq, D] of the group's rows (in order) -> [T_g, Hq, D]."""
+        batch, heads, dim = len(g.members), q.shape[1], q.shape[2]
+        k_cache, v_cache = self.cache.layer(layer)
+        kv_heads = k_cache.shape[1]
+        keys, values = (t.index_select(0, g.gather).view(batch, g.context, kv_heads, dim).transpose(1, 2)
+                        for t in (k_cache, v_cache))  # [B, Hkv, C, D]
+        if g.width == 1:  # decode rows: grouped heads folded into the query length, keys never repeated
+            out = F.scaled_dot_product_attention(q.view(batch, kv_heads, heads // kv_heads, dim), keys, values,
+                                                 attn_mask=g.mask)
+            return out.reshape(batch, heads, dim)
+        padded = q.new_zeros(batch * g.width, heads, dim).index_copy_(0, g.query_slots, q)
+        padded = padded.view(batch, g.width, heads, dim).transpose(1, 2)  # [B, Hq, L, D]
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=g.mask, enable_gqa=heads != kv_heads)
+        return out.transpose(1, 2).reshape(batch * g.width, heads, dim).index_select(0, g.query_slots)
+
+    def _attend_one(self, layer: int, q: torch.Tensor, c: SeqChunk) -> torch.Tensor:
+        """One sequence's chunk against its own keys: bottom-right causal, no mask, nothing padded."""
+        slots = slot_mapping([SeqChunk(0, c.start + c.length, c.block_ids)], self.cache.block_size)
+        slots = torch.from_numpy(slots).to(q.device)
+        k_cache, v_cache = self.cache.layer(layer)
+        return sdpa(q, k_cache.index_select(0, slots), v_cache.index_select(0, slots), causal=True)
+
+    def attend_each(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention, one call per sequence (the reference the batched calls must match)."""
+        k_cache, v_cache = self.cache.layer(layer)
+        k_cache.index_copy_(0, self.slots, k)
+        v_cache.index_copy_(0, self.slots, v)
+        return torch.cat([self._attend_one(layer, qs, c) for qs, c in zip(q.split(self.lengths), self.chunks)])
 
 
 class DecodeAttention:
@@ -135,36 +213,3 @@ def padded_block_table(block_tables: list[list[int]], width: int, fill: int = 0)
         used = blocks[:width]
         table[row, : len(used)] = used
     return table
-
-
-class BatchedDecodeAttention(DecodeAttention):
-    """Rows of one new token each; row i at position `starts[i]` with its KV in `block_tables[i]`.
-
-    Every row gathers keys for positions 0..L-1 (L the longest context); positions past a row's
-    own context repeat its last written slot and are masked out, so only written, finite
-    slots are ever read, and an uninitialised CPU cache is safe. The fused kernel's sums can
-    differ from the per-sequence path's in the last bits (the batch pads to the longest
-    context), not in greedy tokens (tested). Attention itself is `DecodeAttention`'s.
-    """
-
-    def __init__(self, cache: PagedKVCache, starts: list[int], block_tables: list[list[int]],
-                 device: torch.device):
-        self.cache, self.triton_splits = cache, None
-        bs = cache.block_size
-        pos = np.asarray(starts, dtype=np.int64)
-        longest = int(pos.max()) + 1
-        width = -(-longest // bs)
-        table = padded_block_table(block_tables, width)
-        keys = np.minimum(np.arange(longest)[None, :], pos[:, None])  # [B, L], clamped to each row's last
-        gather = np.take_along_axis(table, keys // bs, axis=1) * bs + keys % bs
-        rows = np.arange(len(starts))
-        self.positions = torch.from_numpy(pos).to(device)
-        self.slots = torch.from_numpy(gather[rows, pos]).to(device)
-        self.gather = torch.from_numpy(gather.reshape(-1)).to(device)
-        self.longest = longest
-        keep = np.arange(longest)[None, :] <= pos[:, None]
-        self.mask = None if keep.all() else torch.from_numpy(keep[:, None, None, :]).to(device)
-
-    def _gather(self, layer_cache: torch.Tensor) -> torch.Tensor:
-        rows, heads, dim = len(self.positions), *layer_cache.shape[2:]
-        return layer_cache.flatten(0, 1).index_select(0, self.gather).view(rows, self.longest, heads, dim)

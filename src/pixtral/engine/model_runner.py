@@ -2,11 +2,10 @@
 
 The flat batch: the token ids of every chunk back to back, their embeddings with image
 features put in the prompt's [IMG] slots, an attention context over the paged cache, and
-logits for the last token of each chunk that reaches its sequence's end. Steps made only of
-decodes take a shorter road: on the GPU they replay a CUDA graph; otherwise (the CPU, or shapes
-no graph covers) they run one batched attention call per layer (`BatchedDecodeAttention`)
-instead of one per sequence, as long as padding every row to the longest context stays within
-`MAX_GATHER_TOKENS`.
+logits for the last token of each chunk that reaches its sequence's end. Attention batches the
+decode rows and the prompt chunks of every request (`PagedAttention`), so a step costs about
+the same whether its rows are decodes, prompt chunks or both. Steps made only of decodes skip
+the image work, and on the GPU replay a CUDA graph.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixtral.engine.attention import (MAX_GATHER_TOKENS, BatchedDecodeAttention, PagedAttention, SeqChunk,
-                                     slot_mapping)
+from pixtral.engine.attention import PagedAttention, SeqChunk, slot_mapping
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.engine.scheduler import ScheduledChunk
@@ -49,8 +47,7 @@ class ModelRunner:
             longest = max(c.start + 1 for c in chunks)  # context of the longest row, this token included
             if self.graphs is not None and self.graphs.fits(len(chunks), longest):
                 return self._decode_with_graph(chunks)
-            if len(chunks) * longest <= MAX_GATHER_TOKENS:
-                return self._decode(chunks)
+            return self._decode(chunks)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
                               for c in chunks])
         slots, rows = self._image_rows(chunks, features)
@@ -82,10 +79,9 @@ class ModelRunner:
         return slots, (torch.cat(rows) if rows else None)
 
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """A step of decodes only (no prompt token, so no image slot): one batched attention call per layer."""
+        """A step of decodes only (no prompt token, so no image slot, and every chunk samples)."""
         ids = torch.tensor([c.request.token_ids[c.start] for c in chunks], dtype=torch.long, device=self.device)
-        ctx = BatchedDecodeAttention(self.cache, [c.start for c in chunks], [c.request.block_ids for c in chunks],
-                                     self.device)
+        ctx = PagedAttention(self.cache, [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks], self.device)
         return self.model.logits(self.model.hidden_states(self.model.tok_embeddings(ids), ctx))
 
     def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
