@@ -13,6 +13,7 @@ import torch
 
 from pixtral.checkpoint.configs import hf_config, params_json
 from pixtral.checkpoint.files import HF, MISTRAL, find_files, read_args
+from pixtral.checkpoint.hf_processor import hf_processor_files
 from pixtral.checkpoint.layout import key_specs, to_hf_rows
 from pixtral.checkpoint.reader import TensorReader
 from pixtral.checkpoint.safetensors_io import write_safetensors
@@ -59,6 +60,8 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
         raise CheckpointError(f"unknown layout {layout!r}; use 'mistral' or 'hf'")
     dst = Path(dst).expanduser()
     config = hf_config(args) if layout == HF else None  # refuses what HF cannot hold, before any write
+    # transformers' AutoProcessor files, derived from the tokenizer (also checked before any write)
+    processor_files = hf_processor_files(args, tokenizer_file) if layout == HF and tokenizer_file else {}
     tmp = _prepare_output(dst, overwrite)
     try:
         specs = key_specs(args)
@@ -80,6 +83,8 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tekken.json")
+        for name, text in processor_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
