@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.l
     return "$rc"
 }
 
-step attention 50 $python "$here/benchmarks/bench_decode_attention.py"
+step attention 90 $python "$here/benchmarks/bench_decode_attention.py"  # decode, then mixed steps
 step bench 290 $python "$here/benchmarks/bench_gpu.py" --repeats 2 --profile "$out/profile.txt"
 rc=$?
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then  # failed (not out of time): is it the kernel?

@@ -12,7 +12,9 @@ one per kind of row rather than one per sequence:
   call would fall back to the math kernel there, which materialises every score).
 
 Two calls rather than one because the shapes differ: padding decode rows to a prompt chunk's
-length would multiply their attention work by that length. Past `MAX_GATHER_TOKENS` gathered
+length would multiply their attention work by that length. On the GPU, with `kernel=True` (the
+model runner's choice, after `triton_prefill.self_check`), the whole step is one launch of the
+Triton varlen kernel instead, reading every sequence's blocks in place. Past `MAX_GATHER_TOKENS` gathered
 keys a group falls back to one call per sequence (`attend_each`, also the reference the tests
 compare with), which gathers only real tokens. Batched and per-sequence results agree up to
 float32 summation order; greedy tokens are the same (tested).
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixtral.engine import triton_decode
+from pixtral.engine import triton_decode, triton_prefill
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.model.attention import sdpa
 
@@ -99,13 +101,22 @@ def group(chunks: list[SeqChunk], members: list[int], offsets: np.ndarray, block
 
 
 class PagedAttention:
-    def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], device: torch.device):
+    def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], device: torch.device, kernel: bool = False):
         self.cache, self.chunks = cache, chunks
         bs = cache.block_size
         self.positions = torch.from_numpy(
             np.concatenate([np.arange(c.start, c.start + c.length) for c in chunks])).to(device)
         self.slots = torch.from_numpy(slot_mapping(chunks, bs)).to(device)
         self.lengths = [c.length for c in chunks]
+        self.kernel = None
+        if kernel:  # one launch for the step: block tables, query offsets and contexts on the device
+            width = max(-(-(c.start + c.length) // bs) for c in chunks)
+            self.kernel = (torch.from_numpy(padded_block_table([c.block_ids for c in chunks], width)).to(device),
+                           torch.from_numpy(np.concatenate(([0], np.cumsum(self.lengths)))).to(device),
+                           torch.tensor([c.start + c.length for c in chunks], device=device),
+                           max(self.lengths))
+            self.groups, self.alone = [], []
+            return
         offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1]))
         decodes = [i for i, c in enumerate(chunks) if c.length == 1]
         prompts = [i for i, c in enumerate(chunks) if c.length > 1]
@@ -123,6 +134,10 @@ class PagedAttention:
         k_cache, v_cache = self.cache.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
+        if self.kernel is not None:
+            tables, query_starts, contexts, longest = self.kernel
+            return triton_prefill.paged_varlen_attention(q, self.cache.k[layer], self.cache.v[layer], tables,
+                                                         query_starts, contexts, max_query_len=longest)
         if len(self.groups) == 1 and not self.alone and len(self.groups[0].members) == len(self.chunks):
             return self._attend_group(layer, q, self.groups[0])  # one kind of row: no scatter needed
         out = torch.empty_like(q)

@@ -10,13 +10,18 @@ the image work, and on the GPU replay a CUDA graph.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
+from pixtral.engine import triton_decode, triton_prefill
 from pixtral.engine.attention import PagedAttention, SeqChunk, slot_mapping
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.engine.scheduler import ScheduledChunk
+
+log = logging.getLogger("pixtral.engine")
 
 
 class ModelRunner:
@@ -24,6 +29,14 @@ class ModelRunner:
         self.model, self.cache, self.config = model, cache, config
         self.device = model.device
         self.graphs = None
+        on_gpu = self.device.type == "cuda"
+        self.varlen_kernel = config.triton_kernels and on_gpu and triton_decode.available(self.device)
+        if self.varlen_kernel:  # a kernel that fails to compile or to agree here leaves the SDPA calls in charge
+            problem = triton_prefill.self_check(self.device, cache.k.dtype, model.args.n_heads, cache.n_kv_heads,
+                                                cache.head_dim, cache.block_size)
+            if problem:
+                log.warning("Triton mixed-step attention disabled: %s", problem)
+                self.varlen_kernel = False
         if config.cuda_graphs and self.device.type == "cuda":
             from pixtral.engine.cuda_graphs import CudaGraphDecoder
 
@@ -53,7 +66,7 @@ class ModelRunner:
         slots, rows = self._image_rows(chunks, features)
         h = self.model.embed(torch.from_numpy(ids).to(self.device), rows, slots)
         ctx = PagedAttention(self.cache, [SeqChunk(c.start, c.length, c.request.block_ids) for c in chunks],
-                             self.device)
+                             self.device, kernel=self.varlen_kernel)
         hidden = self.model.hidden_states(h, ctx)
         ends = np.cumsum([c.length for c in chunks]) - 1
         rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
@@ -81,7 +94,8 @@ class ModelRunner:
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """A step of decodes only (no prompt token, so no image slot, and every chunk samples)."""
         ids = torch.tensor([c.request.token_ids[c.start] for c in chunks], dtype=torch.long, device=self.device)
-        ctx = PagedAttention(self.cache, [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks], self.device)
+        ctx = PagedAttention(self.cache, [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks], self.device,
+                             kernel=self.varlen_kernel)
         return self.model.logits(self.model.hidden_states(self.model.tok_embeddings(ids), ctx))
 
     def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
