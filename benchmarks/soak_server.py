@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import httpx
 import openai
+from servers import NotReady, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pixtral"
@@ -203,18 +204,6 @@ def start_server(model: str | None, port: int) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=log, stderr=log)
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not become ready within {timeout:g} s")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
@@ -234,13 +223,14 @@ def main() -> int:
         if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
             raise SystemExit(f"{host}: the soak sends traffic to loopback addresses only")
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(args.model, port)
     try:
-        wait_ready(url)
+        try:
+            wait_ready(url, server)
+        except NotReady as exc:
+            raise SystemExit(str(exc)) from None
         watch = MemoryWatch(server.pid if server else None)
         watch.start()
         start_mb = watch.read() if server else 0.0
