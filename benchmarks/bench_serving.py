@@ -113,6 +113,13 @@ class Result:
     text: str = ""
     error: str | None = None
 
+    def done(self) -> "Result":
+        """Stamp the end unless set (an answer without any token has its first token there too)."""
+        self.end = self.end or time.perf_counter()
+        if self.first_token is None:
+            self.first_token = self.end
+        return self
+
     @property
     def ttft(self) -> float:
         return self.first_token - self.start
@@ -141,15 +148,11 @@ async def stream(client: openai.AsyncOpenAI, model: str, messages: list[dict], m
                     result.first_token = time.perf_counter()
                 pieces.append(chunk.choices[0].delta.content)
                 chunks += 1
-        result.end = time.perf_counter()
         result.text = "".join(pieces)
         result.output_tokens = result.output_tokens or chunks  # a server without usage: one token a chunk
-        if result.first_token is None:
-            result.first_token = result.end
     except Exception as exc:  # noqa: BLE001 - recorded, and reported with the results
         result.error = f"{type(exc).__name__}: {exc}"
-        result.end = time.perf_counter()
-    return result
+    return result.done()
 
 
 async def run_chat(send, chat: Chat, turns: int, at: float) -> list[Result]:
@@ -245,12 +248,9 @@ class TransformersCB:
                 raise RuntimeError(out.error)
             result.output_tokens = len(out.generated_tokens)  # EOS included, as a server's usage counts it
             result.text = self.processor.decode(out.generated_tokens)
-            if result.first_token is None:
-                result.first_token = result.end
         except Exception as exc:  # noqa: BLE001 - recorded, and reported with the results
             result.error = f"{type(exc).__name__}: {exc}"
-            result.end = time.perf_counter()
-        return result
+        return result.done()
 
     async def run_load(self, chats: list[Chat], rate: float, turns: int, seed: int,
                        timeout: float) -> tuple[list[Result], float]:
