@@ -49,11 +49,11 @@ def hf_from_ours(model: Pixtral):
            "mistral3": transformers.Mistral3ForConditionalGeneration}[config["model_type"]]
     config_cls = {"llava": transformers.LlavaConfig, "mistral3": transformers.Mistral3Config}[config["model_type"]]
     weight = model.tok_embeddings.weight
-    hf_config = config_cls.from_dict(config)
-    hf_config.text_config._attn_implementation = "sdpa"
-    hf_config.vision_config._attn_implementation = "sdpa"
+    hf_cfg = config_cls.from_dict(config)
+    hf_cfg.text_config._attn_implementation = "sdpa"
+    hf_cfg.vision_config._attn_implementation = "sdpa"
     with torch.device(weight.device):
-        hf = cls._from_config(hf_config, dtype=weight.dtype, attn_implementation="sdpa")
+        hf = cls._from_config(hf_cfg, dtype=weight.dtype, attn_implementation="sdpa")
     ours = dict(model.named_parameters())
     state = {}
     for spec in key_specs(args):

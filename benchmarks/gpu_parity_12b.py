@@ -59,9 +59,9 @@ def main() -> None:
                 p.uniform_(0.8, 1.2)
             else:
                 p.normal_(0.0, 0.02)
-    hf_config = transformers.AutoConfig.for_model(**hf_config(args))
+    hf_cfg = transformers.AutoConfig.for_model(**hf_config(args))
     with torch.device(opts.device):
-        hf = transformers.LlavaForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16).eval()
+        hf = transformers.LlavaForConditionalGeneration._from_config(hf_cfg, dtype=torch.bfloat16).eval()
     params = dict(ours.named_parameters())
     state = {}
     for spec in key_specs(args):
@@ -128,7 +128,7 @@ def main() -> None:
         torch.cuda.empty_cache() if opts.device.startswith("cuda") else None
         ours = ours.float()
         with torch.device(opts.device):
-            hf = transformers.LlavaForConditionalGeneration._from_config(hf_config, dtype=torch.float32).eval()
+            hf = transformers.LlavaForConditionalGeneration._from_config(hf_cfg, dtype=torch.float32).eval()
         params = dict(ours.named_parameters())
         state = {current_hf_name(spec.hf): (to_hf_rows(params[spec.mistral].detach(), spec.permute_heads, spec.head_dim)
                                             if spec.permute_heads else params[spec.mistral].detach())

@@ -107,3 +107,11 @@ def test_a_patch_merger_without_its_norm_is_refused_in_the_hf_layout(tmp_path, c
     assert main(["convert", str(tmp_path / "mistral"), str(tmp_path / "hf"), "--to", "hf"]) != 0
     assert "add_pre_mm_projector_layer_norm" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_no_path_loads_the_embedded_default_model():
+    from pixtral.assets import default_model_dir
+
+    default, explicit = load_model(), load_model(default_model_dir())
+    assert default.args == explicit.args
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))

@@ -37,8 +37,13 @@ def _check_memory(n_bytes: int, device: torch.device, dtype: torch.dtype) -> Non
         )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Pixtral:
-    """Load a Pixtral checkpoint (Mistral-native or Hugging Face layout, detected)."""
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Pixtral:
+    """Load a Pixtral checkpoint (Mistral-native or Hugging Face layout, detected); None: the default model."""
+    if path is None:
+        from pixtral.assets import default_model_dir
+
+        path = default_model_dir()
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     files = find_files(path)
