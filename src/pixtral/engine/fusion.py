@@ -45,11 +45,9 @@ def plain(*modules: nn.Module) -> bool:
 class FusedQKVAttention(Attention):
     """q, k and v from one matmul (`wqkv` = [wq; wk; wv])."""
 
-    def qkv(self, x):
-        sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
-        q, k, v = self.wqkv(x).split(sizes, dim=-1)
-        return (q.unflatten(-1, (self.n_heads, self.head_dim)), k.unflatten(-1, (self.n_kv_heads, self.head_dim)),
-                v.unflatten(-1, (self.n_kv_heads, self.head_dim)))
+    def project(self, x):
+        kv = self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
 
 class TritonRotaryAttention(Attention):

@@ -21,8 +21,10 @@ engine keeps the portable path. Tests run the kernels on the CPU with `TRITON_IN
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -181,24 +183,38 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return torch.stack(out)
 
 
-def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
-               block_size: int) -> str | None:
-    """Run the kernel once on small random data against plain attention: None if it agrees, else
-    what went wrong (it failed to compile or run on this GPU, or computed something else)."""
-    gen = torch.Generator().manual_seed(0)
-    num_blocks, width = 12, 8
+def random_paged_cache(device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int, kv_heads: int,
+                       head_dim: int, rows: int, width: int, gen: torch.Generator):
+    """Keys, values [num_blocks, block_size, Hkv, D] and block tables [rows, width] of random data: a
+    kernel's self-check input."""
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
                         for _ in range(2))
-    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(3)]).to(device)
-    lens = torch.tensor([1, block_size + 3, width * block_size - 5], device=device)
-    q = torch.randn(3, q_heads, head_dim, generator=gen).to(device, dtype)
-    expected = reference_attention(q, k_cache, v_cache, tables, lens)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(rows)]).to(device)
+    return k_cache, v_cache, tables
+
+
+def first_disagreement(expected: torch.Tensor, runs: dict[str, Callable[[], torch.Tensor]]) -> str | None:
+    """Run each variant of a kernel: None if all agree with `expected`, else what went wrong (it
+    failed to compile or run on this device, or computed something else)."""
     try:
-        for splits in (1, 3):
-            got = paged_decode_attention(q, k_cache, v_cache, tables, lens, splits).float()
-            error = (got - expected).abs().max().item()
+        for name, run in runs.items():
+            error = (run().float() - expected).abs().max().item()
             if not error < 0.05:
-                return f"differs from plain attention by {error:.3g} (splits={splits})"
+                return f"differs from plain attention by {error:.3g} ({name})"
     except Exception as exc:  # noqa: BLE001 - any failure means: use the portable path
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
+               block_size: int) -> str | None:
+    """Run the kernel once on small random data against plain attention: None if it agrees, else
+    what went wrong."""
+    gen = torch.Generator().manual_seed(0)
+    width = 8
+    k_cache, v_cache, tables = random_paged_cache(device, dtype, 12, block_size, kv_heads, head_dim, 3, width, gen)
+    lens = torch.tensor([1, block_size + 3, width * block_size - 5], device=device)
+    q = torch.randn(3, q_heads, head_dim, generator=gen).to(device, dtype)
+    expected = reference_attention(q, k_cache, v_cache, tables, lens)
+    return first_disagreement(expected, {f"splits={splits}": functools.partial(
+        paged_decode_attention, q, k_cache, v_cache, tables, lens, splits) for splits in (1, 3)})

@@ -34,11 +34,12 @@ SDPA paths. Tests run the kernel on the CPU with `TRITON_INTERPRET=1`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from pixtral.engine.triton_decode import available  # noqa: F401 - same rule for both kernels
+from pixtral.engine.triton_decode import first_disagreement, random_paged_cache
 
 try:
     import triton
@@ -253,22 +254,14 @@ def self_check(device: torch.device, dtype: torch.dtype, q_heads: int, kv_heads:
     """Run the kernel once on a small mixed step against `reference_varlen_attention`: None if it
     agrees, else what went wrong (it failed to compile or run on this device, or computed something else)."""
     gen = torch.Generator().manual_seed(0)
-    num_blocks, width = 16, 8
-    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
-                        for _ in range(2))
-    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(3)]).to(device)
+    width = 8
+    k_cache, v_cache, tables = random_paged_cache(device, dtype, 16, block_size, kv_heads, head_dim, 3, width, gen)
     lens = [1, 5, 3 * block_size + 2]  # a decode row, a chunk ending mid-block after a prefix, one of several blocks
     contexts = torch.tensor([block_size + 3, 2 * block_size, width * block_size - 5], device=device)
     starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
     q = torch.randn(sum(lens), q_heads, head_dim, generator=gen).to(device, dtype)
     expected = reference_varlen_attention(q, k_cache, v_cache, tables, starts, contexts, torch.float32)
-    try:
-        group = q_heads // kv_heads
-        for block_m in sorted({block_rows(1, group), block_rows(2**20, group)}):  # decode and prompt tiles
-            got = paged_varlen_attention(q, k_cache, v_cache, tables, starts, contexts, block_m=block_m).float()
-            error = (got - expected).abs().max().item()
-            if not error < 0.05:
-                return f"differs from plain attention by {error:.3g} (block_m={block_m})"
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the portable path
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    group = q_heads // kv_heads
+    tiles = sorted({block_rows(1, group), block_rows(2**20, group)})  # decode and prompt tiles
+    return first_disagreement(expected, {f"block_m={m}": functools.partial(
+        paged_varlen_attention, q, k_cache, v_cache, tables, starts, contexts, block_m=m) for m in tiles})

@@ -39,7 +39,7 @@ def parameter_tensors(params: list[SamplingParams], vocab: int, device: torch.de
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Temperature, top-k and top-p of each row as tensors, with top_k clamped to the vocabulary
     (the API accepts any integer, and torch.tensor overflows past 2**63)."""
-    return (torch.tensor([p.temperature for p in params], device=device, dtype=torch.float64).float(),
+    return (torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32),  # 1e308: inf
             torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long),
             torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32))
 

@@ -21,16 +21,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, dim] -> q [T, n_heads, head_dim], k and v [T, n_kv_heads, head_dim]."""
-        return (self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)),
-                self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)),
-                self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)))
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> q [T, n_heads * head_dim], k and v [T, n_kv_heads * head_dim]."""
+        return self.wq(x), self.wk(x), self.wv(x)
 
     rotary = staticmethod(apply_rotary)
 
     def forward(self, x: torch.Tensor, rotation, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        q, k, v = self.qkv(x)
+        q, k, v = self.project(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = self.rotary(q, rotation), self.rotary(k, rotation)
         return self.wo(ctx.attend(layer, q, k, v).flatten(1))
 
