@@ -5,7 +5,7 @@ generator, on the CPU, so a seeded request gives the same tokens alone, in any b
 `pixtral.generation`. Other rows are sampled together: temperature, top-k and top-p applied
 per row in one pass (`pixtral.generation.sampling.batched_probs`), then one multinomial draw.
 
-A row whose logits hold NaN or +inf gets an error instead of a token, and only that row: the
+A row whose logits hold NaN or +inf (or only -inf) gets an error instead of a token, and only that row: the
 others of the batch are sampled as usual.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from pixtral.engine.outputs import TokenLogprob
 from pixtral.engine.request import Request
-from pixtral.generation.sampling import (NonFiniteLogitsError, batched_probs, finite_rows, parameter_tensors, sample,
+from pixtral.generation.sampling import (NonFiniteLogitsError, batched_probs, greedy, parameter_tensors, sample,
                                          top_logprobs)
 
 
@@ -25,16 +25,17 @@ class Sampler:
         """logits [B, V] (float32, one row per request) -> B tokens, logprobs where asked for, and
         the errors of the rows that could not be sampled (their token is None)."""
         tokens: list[int | None] = [None] * len(requests)
-        finite = finite_rows(logits).tolist()
+        best, finite = greedy(logits)  # one pass: the greedy tokens, and which rows hold NaN or inf
+        finite = finite.tolist()
         errors: dict[int, Exception] = {
             i: NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this sequence")
             for i, ok in enumerate(finite) if not ok}
         rows = [i for i in range(len(requests)) if i not in errors]
-        greedy = [i for i in rows if requests[i].params.greedy]
+        argmax = [i for i in rows if requests[i].params.greedy]
         seeded = [i for i in rows if not requests[i].params.greedy and requests[i].generator is not None]
         free = [i for i in rows if not requests[i].params.greedy and requests[i].generator is None]
-        if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+        if argmax:
+            for i, t in zip(argmax, best[argmax].tolist()):
                 tokens[i] = t
         if seeded:
             cpu_rows = logits[seeded].cpu()
