@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine  # noqa: E402
 
-from pixtral.engine.attention import DecodeAttention, PagedAttention, SeqChunk  # noqa: E402
+from pixtral.engine.attention import DecodeAttention, PagedAttention  # noqa: E402
+from pixtral.engine.chunk import Chunk  # noqa: E402
 from pixtral.engine.kv_cache import PagedKVCache  # noqa: E402
 from pixtral.engine.triton_decode import available, num_splits  # noqa: E402
 from pixtral.engine.triton_prefill import paged_varlen_attention  # noqa: E402
@@ -130,7 +131,7 @@ def run_mixed_case(args: ModelArgs, decodes: int, context: int, chunk: int, pref
     for n in need:
         tables.append(perm[used: used + n])
         used += n
-    chunks = [SeqChunk(c - 1, 1, t) for c, t in zip(contexts[:-1], tables)] + [SeqChunk(prefix, chunk, tables[-1])]
+    chunks = [Chunk(c - 1, 1, t) for c, t in zip(contexts[:-1], tables)] + [Chunk(prefix, chunk, tables[-1])]
     table = torch.zeros(len(chunks), max(need), dtype=torch.int32)
     for row, t in enumerate(tables):
         table[row, : len(t)] = torch.tensor(t, dtype=torch.int32)

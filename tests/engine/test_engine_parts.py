@@ -7,8 +7,9 @@ import torch
 from tiny_model import EagerGraph, assert_chats_match_reference, image_uri, user
 
 from pixtral.engine import LLM, Engine, EngineConfig, Prompt
-from pixtral.engine.attention import DecodeAttention, PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import DecodeAttention, PagedAttention, slot_mapping
 from pixtral.engine.block_allocator import NULL_BLOCK, BlockAllocator
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.encoder_cache import EncoderCache
 from pixtral.engine.inputs import chat_prompt
 from pixtral.engine.kv_cache import PagedKVCache
@@ -66,7 +67,7 @@ def filled_cache(args, tables: list[list[int]], lengths: list[int], unwritten: f
     for layer in range(args.n_layers):
         k_flat, v_flat = cache.layer(layer)
         for table, n in zip(tables, lengths):
-            slots = torch.from_numpy(slot_mapping([SeqChunk(0, n, table)], 4))
+            slots = torch.from_numpy(slot_mapping([Chunk(0, n, table)], 4))
             k_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
             v_flat[slots] = torch.randn(n, args.n_kv_heads, args.head_dim)
     return cache
@@ -82,7 +83,7 @@ def test_decode_attention_static_shapes_match_paged(model):
     q = torch.randn(3, args.n_heads, args.head_dim)
     k = torch.randn(3, args.n_kv_heads, args.head_dim)
     v = torch.randn(3, args.n_kv_heads, args.head_dim)
-    chunks = [SeqChunk(n, 1, t) for n, t in zip(lengths, tables)]
+    chunks = [Chunk(n, 1, t) for n, t in zip(lengths, tables)]
     paged = PagedAttention(cache, chunks, torch.device("cpu")).attend(0, q, k, v)
     # Static: batch padded to 4 rows, block tables to width 4; the pad row uses the null block.
     width = 4
@@ -97,11 +98,11 @@ def test_decode_attention_static_shapes_match_paged(model):
     # And both equal plain attention over the sequence's keys.
     k_flat, v_flat = cache.layer(0)
     for i, (t, n) in enumerate(zip(tables, lengths)):
-        s = torch.from_numpy(slot_mapping([SeqChunk(0, n + 1, t)], 4))
+        s = torch.from_numpy(slot_mapping([Chunk(0, n + 1, t)], 4))
         torch.testing.assert_close(paged[i: i + 1], sdpa(q[i: i + 1], k_flat[s], v_flat[s]))
 
 
-def mixed_step(args, chunks: list[SeqChunk], cached: list[int], seed: int):
+def mixed_step(args, chunks: list[Chunk], cached: list[int], seed: int):
     """A cache holding each sequence's first `cached` tokens (NaN everywhere else) and this step's q/k/v."""
     torch.manual_seed(seed)
     cache = filled_cache(args, [c.block_ids for c in chunks], cached, unwritten=float("nan"))
@@ -127,7 +128,7 @@ def test_batched_attention_matches_the_per_sequence_reference(model, name):
     """Decode rows and prompt chunks of many sequences in batched calls equal one call per sequence,
     and read only written slots: the rest of the cache is NaN."""
     args = model.args
-    chunks = [SeqChunk(start, length, blocks) for start, length, blocks in MIXED_STEPS[name]]
+    chunks = [Chunk(start, length, blocks) for start, length, blocks in MIXED_STEPS[name]]
     cached = [c.start for c in chunks]
     cache, q, k, v = mixed_step(args, chunks, cached, seed=len(name))
     ctx = PagedAttention(cache, chunks, torch.device("cpu"))

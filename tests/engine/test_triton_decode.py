@@ -76,6 +76,7 @@ def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, pro
     from tiny_model import EagerGraph, assert_chats_match_reference
 
     from pixtral.engine import LLM
+    from pixtral.engine.chunk import Chunk
     from pixtral.engine.cuda_graphs import CudaGraphDecoder
 
     llm = LLM.from_model(model, processor, num_blocks=256, enable_prefix_caching=False)
@@ -101,12 +102,11 @@ def test_graph_decode_step_with_the_kernel_gives_the_reference_tokens(model, pro
     with torch.no_grad():  # and agrees with the gather + SDPA path on the logits of one step
         llm.engine.cache.k.normal_()  # finite everywhere: the gather path reads masked slots too
         llm.engine.cache.v.normal_()
-        step = {"ids": [5, 6], "positions": [3, 20], "slots": [16 + 3, 3 * 16 + 4], "block_tables": [[1], [2, 3]],
-                "context_lens": [4, 21]}
-        kernel_logits = decoder.run(**step).clone()
+        step = [5, 6], [Chunk(3, 1, [1]), Chunk(20, 1, [2, 3])]  # slots 16 + 3 and 3 * 16 + 4
+        kernel_logits = decoder.run(*step).clone()
         decoder.use_triton = False
         decoder.graphs.clear()
-        torch.testing.assert_close(decoder.run(**step), kernel_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoder.run(*step), kernel_logits, rtol=1e-4, atol=1e-4)
     assert F.softmax(kernel_logits, -1).isfinite().all()
 
 

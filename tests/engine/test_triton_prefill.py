@@ -143,7 +143,8 @@ def test_kernel_agrees_with_the_engines_cpu_attention():
     `PagedKVCache` layer, after it wrote the step's keys and values, is what the kernel computes."""
     if not INTERPRETED:
         return rerun_interpreted("test_kernel_agrees_with_the_engines_cpu_attention")
-    from pixtral.engine.attention import PagedAttention, SeqChunk, padded_block_table
+    from pixtral.engine.attention import PagedAttention, padded_block_table
+    from pixtral.engine.chunk import Chunk
     from pixtral.engine.kv_cache import PagedKVCache
     from pixtral.engine.triton_prefill import paged_varlen_attention, self_check
     from pixtral.model.args import ModelArgs
@@ -154,8 +155,8 @@ def test_kernel_agrees_with_the_engines_cpu_attention():
     cache.k.normal_()  # the prefixes: written by earlier steps
     cache.v.normal_()
     blocks = torch.randperm(40).tolist()
-    chunks = [SeqChunk(9, 1, blocks[0:3]), SeqChunk(0, 13, blocks[3:7]), SeqChunk(6, 10, blocks[7:11]),
-              SeqChunk(30, 1, blocks[11:19])]
+    chunks = [Chunk(9, 1, blocks[0:3]), Chunk(0, 13, blocks[3:7]), Chunk(6, 10, blocks[7:11]),
+              Chunk(30, 1, blocks[11:19])]
     attention = PagedAttention(cache, chunks, torch.device("cpu"))
     tokens = sum(c.length for c in chunks)
     q = torch.randn(tokens, 8, 16)
@@ -213,15 +214,16 @@ def test_the_engines_attention_context_runs_the_step_as_one_launch():
     gives the per-sequence reference's result for a step of decode rows and prompt chunks."""
     if not INTERPRETED:
         return rerun_interpreted("test_the_engines_attention_context_runs_the_step_as_one_launch")
-    from pixtral.engine.attention import PagedAttention, SeqChunk
+    from pixtral.engine.attention import PagedAttention
+    from pixtral.engine.chunk import Chunk
     from pixtral.engine.kv_cache import PagedKVCache
     from pixtral.model.args import ModelArgs
 
     torch.manual_seed(1)
     args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=1, n_heads=8, n_kv_heads=2, vocab_size=1)
     blocks = torch.randperm(40).tolist()
-    chunks = [SeqChunk(9, 1, blocks[0:3]), SeqChunk(0, 13, blocks[3:7]), SeqChunk(6, 10, blocks[7:11]),
-              SeqChunk(30, 1, blocks[11:19])]
+    chunks = [Chunk(9, 1, blocks[0:3]), Chunk(0, 13, blocks[3:7]), Chunk(6, 10, blocks[7:11]),
+              Chunk(30, 1, blocks[11:19])]
     tokens = sum(c.length for c in chunks)
     q = torch.randn(tokens, 8, 16)
     k, v = torch.randn(2, tokens, 2, 16)

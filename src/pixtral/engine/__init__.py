@@ -2,7 +2,10 @@
 
     LLM            batched offline inference (llm.chat / llm.generate)
     AsyncEngine    the engine in a background thread with asyncio streams (the server uses it)
-    Engine         the synchronous core: add_request / step / abort
+    Engine         the synchronous core: add_request / step / abort / finish_requests
+
+Inside the engine: scheduler -> KV-cache manager -> block allocator, then the model runner and
+the sampler; text is made apart from the step loop, by the output processor (see `engine.py`).
 """
 
 from pixtral.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream

@@ -4,12 +4,14 @@
     async for delta in engine.chat(messages, SamplingParams(max_tokens=64)):
         print(delta.text, end="")
 
-The engine thread owns the `Engine`; other threads only send it commands (add, abort) through a
-queue. Each request has a `RequestStream`, fed from the engine thread with
-`loop.call_soon_threadsafe`. `submit` checks a request and refuses it at once (a bad request,
-a full queue, a dead engine) so a server can answer with the right status before it starts
-streaming. A stream that is abandoned or closed aborts its request, which frees its KV blocks
-at the engine's next step.
+The engine thread owns the `Engine` and does nothing but step it: other threads only send it
+commands (add, abort, finish) through a queue. After each step it hands the token-level outputs
+to the event loop of each request's `RequestStream` (`loop.call_soon_threadsafe`, once a step
+per loop); there the `OutputProcessor` makes the text and applies stop strings while the
+engine runs its next step, and a stop string's finish goes back to the engine as a command.
+`submit` checks a request and refuses it at once (a bad request, a full queue, a dead engine)
+so a server can answer with the right status before it starts streaming. A stream that is
+abandoned or closed aborts its request, which frees its KV blocks at the engine's next step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from pixtral.engine.engine import Engine, EngineStats
 from pixtral.engine.inputs import chat_prompt, generate_prompt
+from pixtral.engine.output_processor import OutputProcessor
 from pixtral.engine.outputs import OutputDelta, RequestOutput
 from pixtral.engine.request import Prompt
 from pixtral.errors import PixtralError
@@ -52,7 +55,7 @@ class RequestStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self.done = False
 
-    def _put(self, item: OutputDelta | BaseException) -> None:  # called from the engine thread
+    def _put(self, item: OutputDelta | BaseException) -> None:  # from another thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def __aiter__(self) -> AsyncIterator[OutputDelta]:
@@ -81,12 +84,13 @@ class RequestStream:
         """Cancel the request if it is still running (idempotent)."""
         if not self.done:
             self.done = True
-            self._owner._send(("abort", self.request_id))
+            self._owner._abort(self.request_id)
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine, start: bool = True):
         self.engine = engine
+        self.outputs = OutputProcessor(engine.processor)  # used on the streams' event loops
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._pending_adds = 0
@@ -153,6 +157,7 @@ class AsyncEngine:
                 raise QueueFullError(f"the server has {limit} requests waiting, its limit; retry later")
             self._pending_adds += 1
         stream = RequestStream(self, request_id or uuid.uuid4().hex, prompt, params)
+        self.outputs.add(stream.request_id, params)
         self._streams[stream.request_id] = stream
         self._send(("add", stream))
         return stream
@@ -172,6 +177,23 @@ class AsyncEngine:
         async for delta in stream:
             yield delta
 
+    def _abort(self, request_id: str) -> None:
+        self.outputs.abort(request_id)
+        self._send(("abort", request_id))
+
+    # ------------------------------------------------------------------ event loops
+    def _process(self, outputs: list[OutputDelta]) -> None:
+        """On a streams' event loop: make the text of one step's outputs and hand it to the streams."""
+        deltas, finish = self.outputs.process(outputs)
+        for reason, ids in finish.items():
+            self._send(("finish", (ids, reason)))
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if delta.finished:
+                self._streams.pop(delta.request_id, None)
+            if stream is not None:
+                stream._queue.put_nowait(delta)
+
     # ------------------------------------------------------------------ engine thread
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -181,14 +203,14 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._take_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    for delta in self.engine.step():
-                        self._deliver(delta)
+                    self._hand_over(self.engine.step())
         except BaseException as exc:  # noqa: BLE001 - report it to every waiting client
             log.exception("the engine thread died")
             self.dead = exc
         finally:
             error = EngineDeadError(f"the engine stopped{f': {self.dead}' if self.dead else ''}")
             for stream in list(self._streams.values()):
+                self.outputs.abort(stream.request_id)
                 try:
                     stream._put(error)
                 except RuntimeError:  # that client's event loop is gone
@@ -216,6 +238,7 @@ class AsyncEngine:
                     self.engine.add_request(stream.prompt, stream.params, stream.request_id)
             except Exception as exc:  # noqa: BLE001 - the client gets the error, the engine goes on
                 self._streams.pop(stream.request_id, None)
+                self.outputs.abort(stream.request_id)
                 stream._put(exc)
             finally:
                 with self._lock:
@@ -223,15 +246,21 @@ class AsyncEngine:
         elif kind == "abort":
             self.engine.abort(arg)
             self._streams.pop(arg, None)
+        elif kind == "finish":  # a stop string matched, or making the text failed
+            self.engine.finish_requests(*arg)
 
-    def _deliver(self, delta: OutputDelta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if delta.finished:
-            self._streams.pop(delta.request_id, None)
-        if stream is None:
-            return
-        try:
-            stream._put(delta)
-        except RuntimeError:  # the client's event loop is gone
-            self.engine.abort(delta.request_id)
-            self._streams.pop(delta.request_id, None)
+    def _hand_over(self, outputs: list[OutputDelta]) -> None:
+        """Send a step's outputs to their streams' event loops, one call per loop, to be made into text there."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[OutputDelta]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:  # else its client left, or a stop string ended it
+                by_loop.setdefault(stream._loop, []).append(out)
+        for loop, outs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._process, outs)
+            except RuntimeError:  # that event loop is gone: nobody reads these requests
+                for out in outs:
+                    self.engine.abort(out.request_id)
+                    self._streams.pop(out.request_id, None)
+                    self.outputs.abort(out.request_id)

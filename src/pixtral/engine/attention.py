@@ -1,8 +1,9 @@
 """Attention contexts over the paged KV cache, one per engine step.
 
 `PagedAttention` serves any mix of prefill chunks and decodes: a flat run of tokens from many
-sequences. It writes the new keys and values into their slots, then attends in batched calls,
-one per kind of row rather than one per sequence:
+sequences, given as the scheduler's `Chunk`s (it reads their positions and block tables only).
+It writes the new keys and values into their slots, then attends in batched calls, one per kind
+of row rather than one per sequence:
 
 - decode rows (one query each): all in one call, each row's keys gathered to the longest context
   and masked past its own;
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pixtral.engine import triton_decode, triton_prefill
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.kv_cache import PagedKVCache
 from pixtral.model.attention import sdpa
 
@@ -44,20 +46,11 @@ from pixtral.model.attention import sdpa
 MAX_GATHER_TOKENS = 2**18
 
 
-@dataclass
-class SeqChunk:
-    """Tokens [start, start + length) of one sequence, whose KV lives in `block_ids`."""
-
-    start: int
-    length: int
-    block_ids: list[int]
-
-
-def slot_mapping(chunks: list[SeqChunk], block_size: int) -> np.ndarray:
+def slot_mapping(chunks: list[Chunk], block_size: int) -> np.ndarray:
     """Flat cache slot of every token of every chunk, in order."""
     out = []
     for c in chunks:
-        pos = np.arange(c.start, c.start + c.length)
+        pos = np.arange(c.start, c.end)
         blocks = np.asarray(c.block_ids, dtype=np.int64)
         out.append(blocks[pos // block_size] * block_size + pos % block_size)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
@@ -78,14 +71,14 @@ class Group:
     context: int  # C
 
 
-def group(chunks: list[SeqChunk], members: list[int], offsets: np.ndarray, block_size: int,
+def group(chunks: list[Chunk], members: list[int], offsets: np.ndarray, block_size: int,
           device: torch.device) -> Group:
     picked = [chunks[i] for i in members]
     width = max(c.length for c in picked)
-    context = max(c.start + c.length for c in picked)
+    context = max(c.end for c in picked)
     rows, query_slots, gathers, masks = [], [], [], []
     for b, c in enumerate(picked):
-        end = c.start + c.length
+        end = c.end
         rows.append(np.arange(c.length) + offsets[members[b]])
         query_slots.append(b * width + np.arange(c.length))
         keys = np.minimum(np.arange(context), end - 1)  # only written slots are read
@@ -101,19 +94,19 @@ def group(chunks: list[SeqChunk], members: list[int], offsets: np.ndarray, block
 
 
 class PagedAttention:
-    def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], device: torch.device, kernel: bool = False):
+    def __init__(self, cache: PagedKVCache, chunks: list[Chunk], device: torch.device, kernel: bool = False):
         self.cache, self.chunks = cache, chunks
         bs = cache.block_size
         self.positions = torch.from_numpy(
-            np.concatenate([np.arange(c.start, c.start + c.length) for c in chunks])).to(device)
+            np.concatenate([np.arange(c.start, c.end) for c in chunks])).to(device)
         self.slots = torch.from_numpy(slot_mapping(chunks, bs)).to(device)
         self.lengths = [c.length for c in chunks]
         self.kernel = None
         if kernel:  # one launch for the step: block tables, query offsets and contexts on the device
-            width = max(-(-(c.start + c.length) // bs) for c in chunks)
+            width = max(-(-c.end // bs) for c in chunks)
             self.kernel = (torch.from_numpy(padded_block_table([c.block_ids for c in chunks], width)).to(device),
                            torch.from_numpy(np.concatenate(([0], np.cumsum(self.lengths)))).to(device),
-                           torch.tensor([c.start + c.length for c in chunks], device=device),
+                           torch.tensor([c.end for c in chunks], device=device),
                            max(self.lengths))
             self.groups, self.alone = [], []
             return
@@ -123,7 +116,7 @@ class PagedAttention:
         kinds = [decodes] + ([prompts] if device.type == "cpu" else [[i] for i in prompts])
         self.groups, self.alone = [], []
         for members in filter(None, kinds):
-            gathered = len(members) * max(chunks[i].start + chunks[i].length for i in members)
+            gathered = len(members) * max(chunks[i].end for i in members)
             if len(members) > 1 and gathered > MAX_GATHER_TOKENS:
                 self.alone += members
             else:
@@ -164,9 +157,9 @@ class PagedAttention:
         out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=g.mask, enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).reshape(batch * g.width, heads, dim).index_select(0, g.query_slots)
 
-    def _attend_one(self, layer: int, q: torch.Tensor, c: SeqChunk) -> torch.Tensor:
+    def _attend_one(self, layer: int, q: torch.Tensor, c: Chunk) -> torch.Tensor:
         """One sequence's chunk against its own keys: bottom-right causal, no mask, nothing padded."""
-        slots = slot_mapping([SeqChunk(0, c.start + c.length, c.block_ids)], self.cache.block_size)
+        slots = slot_mapping([Chunk(0, c.end, c.block_ids)], self.cache.block_size)
         slots = torch.from_numpy(slots).to(q.device)
         k_cache, v_cache = self.cache.layer(layer)
         return sdpa(q, k_cache.index_select(0, slots), v_cache.index_select(0, slots), causal=True)

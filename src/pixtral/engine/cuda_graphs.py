@@ -18,8 +18,9 @@ import logging
 import torch
 
 from pixtral.engine import triton_decode
-from pixtral.engine.attention import MAX_GATHER_TOKENS, DecodeAttention, padded_block_table
+from pixtral.engine.attention import MAX_GATHER_TOKENS, DecodeAttention, padded_block_table, slot_mapping
 from pixtral.engine.block_allocator import NULL_BLOCK
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.kv_cache import PagedKVCache
 
 log = logging.getLogger("pixtral.engine")
@@ -145,18 +146,18 @@ class CudaGraphDecoder:
                 if (batch, width) not in self.graphs and self._within_gather_limit(batch, width):
                     self._capture(batch, width)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            context_lens: list[int]) -> torch.Tensor:
-        """One decode step for n sequences (check `fits` first) -> logits [n, vocab], valid until the next run."""
+    def run(self, ids: list[int], chunks: list[Chunk]) -> torch.Tensor:
+        """One decode step: token `ids[i]` at the one position of `chunks[i]`, for n sequences (check
+        `fits` first) -> logits [n, vocab], valid until the next run."""
         n = len(ids)
         batch = self._batch(n)
-        width = self._width(max(-(-c // self.block_size) for c in context_lens))
-        table = torch.from_numpy(padded_block_table(block_tables, width, fill=NULL_BLOCK))
+        width = self._width(max(-(-c.end // self.block_size) for c in chunks))
+        table = torch.from_numpy(padded_block_table([c.block_ids for c in chunks], width, fill=NULL_BLOCK))
         self._pad_inputs(n)
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(context_lens), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor([c.start for c in chunks]), non_blocking=True)
+        self.slots[:n].copy_(torch.from_numpy(slot_mapping(chunks, self.block_size)), non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor([c.end for c in chunks]), non_blocking=True)
         self.block_tables[:n, :width].copy_(table, non_blocking=True)
         graph = self.graphs.get((batch, width)) or self._capture(batch, width)
         graph.replay()

@@ -1,31 +1,44 @@
-"""The engine: requests in, one batched step at a time, output deltas out.
+"""The engine: requests in, one batched step at a time, token outputs out.
 
-Each `step()` asks the scheduler for this step's chunks, encodes the images those chunks
-need (all in one vision pass, reusing cached features), runs the model once over the flat
-batch, samples a token for every sequence that reached its end, and turns tokens into text.
-Finished and aborted requests give their KV blocks back at once. The engine is synchronous
-and single-threaded; `AsyncEngine` drives it from a background thread.
+The layers, top down:
+
+    Scheduler        which tokens of which requests run this step (`Chunk`s)
+    KVCacheManager   each request's block table and block hashes; prefix-cache hits
+    BlockAllocator   blocks by id: reference counts, free list, the prefix cache's index
+    ModelRunner      one forward pass over the step's chunks (and the images they need)
+    Sampler          a token for every chunk that reaches its sequence's end
+    OutputProcessor  text and stop strings, outside the step loop (`LLM`, `AsyncEngine`)
+
+Each `step()` schedules, runs the model and samples: its outputs are tokens, logprobs and the
+finish reasons the engine can see itself (stop ids, max_tokens, errors). Text is made apart
+from the step loop, so detokenizing never holds up the next step; when a stop string matches,
+the output processor ends the request with `finish_requests`. Finished and aborted requests
+give their KV blocks back at once. The engine is synchronous and single-threaded;
+`AsyncEngine` drives it from a background thread.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from pixtral.engine.block_allocator import BlockAllocator
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.encoder_cache import EncoderCache
 from pixtral.engine.fusion import fuse
 from pixtral.engine.kv_cache import PagedKVCache, num_blocks_for, profile_activation_bytes
+from pixtral.engine.kv_cache_manager import KVCacheManager
 from pixtral.engine.model_runner import ModelRunner
 from pixtral.engine.outputs import OutputDelta
 from pixtral.engine.request import Prompt, Request
 from pixtral.engine.sampler import Sampler
-from pixtral.engine.scheduler import ScheduledChunk, Scheduler
+from pixtral.engine.scheduler import Scheduler
 from pixtral.errors import RequestError
 from pixtral.generation.generate import max_new_tokens
 from pixtral.generation.params import SamplingParams
@@ -66,8 +79,9 @@ class Engine:
         num_blocks = num_blocks_for(model, cfg, reserved)
         self.cache = PagedKVCache(model.args, num_blocks, cfg.block_size, self.device, self.dtype)
         self.allocator = BlockAllocator(num_blocks, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.allocator)
-        self.kv_capacity = self.allocator.num_usable * cfg.block_size  # tokens
+        self.kv = KVCacheManager(self.allocator, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.kv)
+        self.kv_capacity = self.kv.num_blocks * cfg.block_size  # tokens
         self.max_model_len = min(model.args.max_seq_len, cfg.max_model_len or model.args.max_seq_len)
         self.runner = ModelRunner(model, self.cache, cfg, min(self.max_model_len, self.kv_capacity))
         self.encoder_cache = EncoderCache(cfg.encoder_cache_tokens)
@@ -81,6 +95,11 @@ class Engine:
         self._images_encoded = 0
         self._steps = 0
         self._finished: Counter[str] = Counter({"stop": 0, "length": 0, "abort": 0, "error": 0})
+        # Requests the engine ended itself, with the reason counted. The output processor may end
+        # one otherwise (a stop string in its last token): `finish_requests` then counts it again
+        # under the end its client saw. A few steps' worth is enough: it is told a step or two later.
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._ended_limit = 8 * cfg.max_num_seqs
 
     # ------------------------------------------------------------------ requests
     def check(self, prompt: Prompt, params: SamplingParams) -> tuple[int, list[int]]:
@@ -123,7 +142,6 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         req = Request(request_id, prompt, params, max_new_tokens=max_new, image_token_id=self.image_token_id,
                       image_token_counts=counts, stop_ids=stop_token_ids(params, self.eos_id),
-                      decoder=self.processor.stream_decoder(),
                       image_related_ids=self.image_related_ids)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -139,14 +157,34 @@ class Engine:
         self._finished["abort"] += 1
         return True
 
+    def finish_requests(self, request_ids: Iterable[str], reason: str) -> None:
+        """End requests for a reason found outside the step loop (a stop string, a failure to make
+        text): free their KV blocks now and count them under `reason`.
+
+        A request the engine already ended itself (its last token was in flight) is counted again
+        under `reason`, the end its client saw. Ids it does not know (aborted) are skipped.
+        """
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is not None:
+                req.finish_reason = reason
+                self._finish(req)
+                continue
+            counted = self._ended.pop(request_id, None)
+            if counted is not None and counted != reason:
+                self._finished[counted] -= 1
+                self._finished[reason] += 1
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> list[OutputDelta]:
-        """Schedule, run the model, sample. Never raises: a failure fails only the requests it can be
-        traced to (each gets an error delta) and the engine goes on with the others."""
+        """Schedule, run the model, sample -> token-level deltas (no text: see `OutputProcessor`).
+
+        Never raises: a failure fails only the requests it can be traced to (each gets an error
+        delta) and the engine goes on with the others."""
         try:
             chunks = self.scheduler.schedule()
         except Exception as exc:  # noqa: BLE001 - scheduler state is shared: start clean, without these
@@ -161,11 +199,11 @@ class Engine:
             log.exception("engine step failed")
             return self._fail([c.request for c in chunks if not c.request.finished], exc)
 
-    def _run_step(self, chunks: list[ScheduledChunk]) -> list[OutputDelta]:
+    def _run_step(self, chunks: list[Chunk]) -> list[OutputDelta]:
         chunks, logits, deltas = self._forward(chunks)
         for c in chunks:
             self.scheduler.computed(c)
-            self._prompt_tokens += max(0, min(c.start + c.length, c.request.prompt_len) - c.start)
+            self._prompt_tokens += max(0, min(c.end, c.request.prompt_len) - c.start)
         sampling = [c.request for c in chunks if c.samples]
         if not sampling:
             return deltas
@@ -178,20 +216,14 @@ class Engine:
             if i in errors:
                 deltas += self._fail([req], errors[i])
                 continue
-            try:
-                delta = req.append_token(tokens[i], logprobs[i])
-            except Exception as exc:  # noqa: BLE001 - detokenizing or stop strings failed for this request
-                log.exception("output processing failed for request %s", req.request_id)
-                deltas += self._fail([req], exc)
-                continue
+            delta = req.append_token(tokens[i], logprobs[i])
             self._generated += 1
             if delta.finished:
                 self._finish(req)
             deltas.append(delta)
         return deltas
 
-    def _forward(self, chunks: list[ScheduledChunk]
-                 ) -> tuple[list[ScheduledChunk], torch.Tensor | None, list[OutputDelta]]:
+    def _forward(self, chunks: list[Chunk]) -> tuple[list[Chunk], torch.Tensor | None, list[OutputDelta]]:
         """Run the step's chunks -> (the chunks that ran, their logits, error deltas of those that failed).
 
         All chunks go in one pass. If it fails, each chunk runs alone, so that only the requests at
@@ -230,13 +262,13 @@ class Engine:
                 errors[i] = row_errors[0]
         return tokens, logprobs, errors
 
-    def _image_features(self, chunks: list[ScheduledChunk]) -> dict[bytes, torch.Tensor]:
+    def _image_features(self, chunks: list[Chunk]) -> dict[bytes, torch.Tensor]:
         """Features of every image this step's chunks touch: cached, or encoded in one packed pass."""
         features: dict[bytes, torch.Tensor] = {}
         missing: dict[bytes, torch.Tensor] = {}
         for c in chunks:
             req = c.request
-            for k in req.images_for_rows(*req.image_rows(c.start, c.start + c.length)):
+            for k in req.images_for_rows(*req.image_rows(c.start, c.end)):
                 key = req.image_hashes[k]
                 if key in features or key in missing:
                     continue
@@ -256,6 +288,9 @@ class Engine:
         self.requests.pop(req.request_id, None)
         self.scheduler.finish(req)
         self._finished[req.finish_reason] += 1
+        self._ended[req.request_id] = req.finish_reason
+        if len(self._ended) > self._ended_limit:
+            self._ended.popitem(last=False)
 
     def _fail(self, requests: list[Request], exc: Exception) -> list[OutputDelta]:
         """End these requests with an error: the request's own fault (a RequestError) or ours."""
@@ -279,9 +314,9 @@ class Engine:
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
-            kv_blocks_used=self.allocator.num_used,
-            kv_blocks_cached=self.allocator.num_cached,
-            kv_blocks_total=self.allocator.num_usable,
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_cached=self.kv.num_cached_blocks,
+            kv_blocks_total=self.kv.num_blocks,
             block_size=self.config.block_size,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generated,
@@ -301,5 +336,5 @@ class Engine:
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes and image features (benchmarks)."""
-        self.allocator.reset_prefix_cache()
+        self.kv.reset_prefix_cache()
         self.encoder_cache.clear()

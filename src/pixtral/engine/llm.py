@@ -6,7 +6,8 @@
     print(outs[0].outputs[0].text)
 
 All requests are checked first (a bad one raises before any work is done), then run together
-through the engine with continuous batching. Results come back in input order.
+through the engine with continuous batching; after each step the `OutputProcessor` makes the
+text (and ends the requests whose stop strings matched). Results come back in input order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.engine import Engine
 from pixtral.engine.inputs import chat_prompt, generate_prompt
+from pixtral.engine.output_processor import OutputProcessor
 from pixtral.engine.outputs import RequestOutput
 from pixtral.engine.request import Prompt
 from pixtral.errors import RequestError
@@ -61,6 +63,7 @@ class LLM:
     def _setup(self, model, processor, engine_options: dict[str, Any]) -> None:
         self.model, self.processor = model, processor
         self.engine = Engine(model, processor, EngineConfig(**engine_options))
+        self.outputs = OutputProcessor(processor)
         self.engine.warmup()  # GPU: decode graphs captured now, not during the first requests
 
     # ------------------------------------------------------------------ API
@@ -97,15 +100,20 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 rid = self.engine.add_request(prompt, p)
+                self.outputs.add(rid, p)
                 results[rid] = RequestOutput.start(rid, prompt.token_ids, p.logprobs is not None)
                 order.append(rid)
             pending = len(order)
             while pending:
-                for delta in self.engine.step():
+                deltas, finish = self.outputs.process(self.engine.step())
+                for reason, ids in finish.items():
+                    self.engine.finish_requests(ids, reason)
+                for delta in deltas:
                     results[delta.request_id].add(delta)
                     pending -= delta.finished
         finally:
             for rid in order:
                 if not results[rid].finished:
                     self.engine.abort(rid)
+                    self.outputs.abort(rid)
         return [results[rid] for rid in order]

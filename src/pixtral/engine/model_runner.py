@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from pixtral.engine import triton_decode, triton_prefill
-from pixtral.engine.attention import PagedAttention, SeqChunk, slot_mapping
+from pixtral.engine.attention import PagedAttention
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
-from pixtral.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger("pixtral.engine")
 
@@ -53,7 +53,7 @@ class ModelRunner:
         return [p.clone() for p in parts] if len(parts) > 1 else list(parts)
 
     # ------------------------------------------------------------------ decoder
-    def forward(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
+    def forward(self, chunks: list[Chunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
         """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
         decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
         if decode_only:
@@ -61,18 +61,16 @@ class ModelRunner:
             if self.graphs is not None and self.graphs.fits(len(chunks), longest):
                 return self._decode_with_graph(chunks)
             return self._decode(chunks)
-        ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.start + c.length], dtype=np.int64)
-                              for c in chunks])
+        ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.end], dtype=np.int64) for c in chunks])
         slots, rows = self._image_rows(chunks, features)
         h = self.model.embed(torch.from_numpy(ids).to(self.device), rows, slots)
-        ctx = PagedAttention(self.cache, [SeqChunk(c.start, c.length, c.request.block_ids) for c in chunks],
-                             self.device, kernel=self.varlen_kernel)
+        ctx = PagedAttention(self.cache, chunks, self.device, kernel=self.varlen_kernel)
         hidden = self.model.hidden_states(h, ctx)
         ends = np.cumsum([c.length for c in chunks]) - 1
         rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
         return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
 
-    def _image_rows(self, chunks: list[ScheduledChunk], features: dict[bytes, torch.Tensor]
+    def _image_rows(self, chunks: list[Chunk], features: dict[bytes, torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat batch's image slots and, in order, the feature rows that fill them.
 
@@ -81,7 +79,7 @@ class ModelRunner:
         """
         rows, masks = [], []
         for c in chunks:
-            req, end = c.request, c.start + c.length
+            req, end = c.request, c.end
             masks.append(req.image_slot_mask(c.start, end))
             r0, r1 = req.image_rows(c.start, end)
             for k in req.images_for_rows(r0, r1):
@@ -91,20 +89,11 @@ class ModelRunner:
         slots = torch.from_numpy(np.concatenate(masks)).to(self.device)
         return slots, (torch.cat(rows) if rows else None)
 
-    def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
         """A step of decodes only (no prompt token, so no image slot, and every chunk samples)."""
         ids = torch.tensor([c.request.token_ids[c.start] for c in chunks], dtype=torch.long, device=self.device)
-        ctx = PagedAttention(self.cache, [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks], self.device,
-                             kernel=self.varlen_kernel)
+        ctx = PagedAttention(self.cache, chunks, self.device, kernel=self.varlen_kernel)
         return self.model.logits(self.model.hidden_states(self.model.tok_embeddings(ids), ctx))
 
-    def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        bs = self.cache.block_size
-        seqs = [SeqChunk(c.start, 1, c.request.block_ids) for c in chunks]
-        return self.graphs.run(
-            ids=[c.request.token_ids[c.start] for c in chunks],
-            positions=[c.start for c in chunks],
-            slots=slot_mapping(seqs, bs).tolist(),
-            block_tables=[c.request.block_ids for c in chunks],
-            context_lens=[c.start + 1 for c in chunks],
-        )
+    def _decode_with_graph(self, chunks: list[Chunk]) -> torch.Tensor:
+        return self.graphs.run([c.request.token_ids[c.start] for c in chunks], chunks)

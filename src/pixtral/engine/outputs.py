@@ -1,7 +1,9 @@
 """What the engine hands back: per-step deltas (streaming) and finished results (offline API).
 
-Names follow vLLM: a `RequestOutput` has `outputs[0]` (a `CompletionOutput`) with the text,
-token ids and finish reason, plus the prompt's token counts.
+`Engine.step()` returns token-level `OutputDelta`s (no text yet); the `OutputProcessor` adds the
+text, applies stop strings and hands them to clients. Names follow vLLM: a `RequestOutput` has
+`outputs[0]` (a `CompletionOutput`) with the text, token ids and finish reason, plus the
+prompt's token counts.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class OutputDelta:
     num_image_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0  # so far, including a stop token that is not returned
-    metrics: RequestMetrics | None = None  # on the last delta only
+    # Times. A client gets them on its last delta; the engine's token-level deltas carry them on
+    # every one (the request's own record), so that the output processor can end a request.
+    metrics: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:

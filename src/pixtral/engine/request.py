@@ -1,10 +1,13 @@
 """One request's state while the engine works on it.
 
 A request is a token sequence (prompt, then the tokens generated so far) of which the first
-`num_computed_tokens` have keys and values in the KV cache, in the blocks `block_ids`. Each
-step the scheduler picks how many of the remaining tokens to compute: all but the last few of
-a prompt (a prefill chunk), or the single newest token (a decode). Prefill and decode are the
-same operation, so preemption (drop the blocks, recompute later) needs no special case.
+`num_computed_tokens` have keys and values in the KV cache. Each step the scheduler picks how
+many of the remaining tokens to compute: all but the last few of a prompt (a prefill chunk),
+or the single newest token (a decode). Prefill and decode are the same operation, so
+preemption (drop the blocks, recompute later) needs no special case.
+
+A request knows tokens, not blocks: its block table and block hashes are the
+`KVCacheManager`'s. Its outputs are tokens: text and stop strings are the `OutputProcessor`'s.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ import numpy as np
 import torch
 
 from pixtral.engine.outputs import OutputDelta, RequestMetrics, TokenLogprob
-from pixtral.engine.prefix_cache import hash_block, hash_image
+from pixtral.engine.prefix_cache import hash_image
 from pixtral.generation.params import SamplingParams
 from pixtral.generation.sampling import make_generator
-from pixtral.generation.stop import StopStringMatcher
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt: Prompt, params: SamplingParams, *, max_new_tokens: int,
-                 image_token_id: int | None, image_token_counts: list[int], stop_ids: set[int], decoder,
+                 image_token_id: int | None, image_token_counts: list[int], stop_ids: set[int],
                  image_related_ids: set[int] = frozenset()):
         prompt.with_hashes()
         self.request_id = request_id
@@ -56,10 +58,7 @@ class Request:
         self.image_hashes = prompt.image_hashes
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
-        self.arrival_time = time.monotonic()
-        self.first_scheduled_time: float | None = None  # set by the scheduler
-        self.first_token_time: float | None = None
-        self.finished_time: float | None = None
+        self.metrics = RequestMetrics(time.monotonic())  # the scheduler sets first_scheduled_time
 
         # Where image features go: img_cum[p] = number of [IMG] tokens before prompt position p,
         # so a chunk [a, b) takes feature rows img_cum[a]:img_cum[b] of this request's images.
@@ -74,17 +73,12 @@ class Request:
         # Scheduling state.
         self.status = Status.WAITING
         self.num_computed_tokens = 0
-        self.block_ids: list[int] = []
-        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
-        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first admission)
         self.num_preemptions = 0
 
         # Output state.
         self.num_generated = 0  # tokens sampled, including a stop token that is not returned
         self.generator = make_generator(params.seed) if params.seed is not None and not params.greedy else None
-        self.decoder = decoder
-        self.stops = StopStringMatcher(params.stop)
         self.finish_reason: str | None = None
 
     # ------------------------------------------------------------------ sizes
@@ -128,23 +122,12 @@ class Request:
             mask[: cap - start] = np.diff(self.img_cum[start: cap + 1]) > 0
         return mask
 
-    # ------------------------------------------------------------------ prefix cache
-    def update_block_hashes(self, block_size: int) -> list[bytes]:
-        """Extend the chained hashes to every full block of tokens known so far."""
-        for b in range(len(self.block_hashes), self.num_tokens // block_size):
-            start, end = b * block_size, (b + 1) * block_size
-            images = self.images_for_rows(*self.image_rows(start, end))
-            parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes.append(
-                hash_block(parent, self.token_ids[start:end], [self.image_hashes[k] for k in images])
-            )
-        return self.block_hashes
-
     # ------------------------------------------------------------------ outputs
     def append_token(self, token: int, logprob: TokenLogprob | None) -> OutputDelta:
-        """Take a sampled token: stop ids, stop strings and max_tokens decide whether we are done."""
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+        """Take a sampled token: stop ids and max_tokens decide whether we are done (stop strings are
+        matched on the text, by the output processor)."""
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = time.monotonic()
         self.num_generated += 1
         delta = OutputDelta(self.request_id, logprobs=[] if self.params.logprobs is not None else None)
         if token in self.stop_ids:
@@ -154,24 +137,18 @@ class Request:
             delta.token_ids.append(token)
             if delta.logprobs is not None and logprob is not None:
                 delta.logprobs.append(logprob)
-            delta.text = self.stops.push(self.decoder.push(token))
-            if self.stops.stopped:
-                self.finish_reason = "stop"
-            elif self.num_generated >= self.max_new_tokens:
+            if self.num_generated >= self.max_new_tokens:
                 self.finish_reason = "length"
-        if self.finish_reason is not None:
-            delta.text += self.stops.push(self.decoder.flush()) + self.stops.flush()
         return self.fill(delta)
 
     def fill(self, delta: OutputDelta) -> OutputDelta:
+        """Counts, finish reason and times so far (the request's own record: copy it to change it)."""
         delta.finish_reason = self.finish_reason
         delta.num_prompt_tokens = self.prompt_len
         delta.num_image_tokens = self.num_image_tokens
         delta.num_cached_tokens = self.num_cached_tokens or 0
         delta.num_generated_tokens = self.num_generated
-        if self.finish_reason is not None:
-            if self.finished_time is None:
-                self.finished_time = time.monotonic()
-            delta.metrics = RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
-                                           self.finished_time)
+        if self.finish_reason is not None and self.metrics.finished_time is None:
+            self.metrics.finished_time = time.monotonic()
+        delta.metrics = self.metrics
         return delta

@@ -9,38 +9,27 @@ starts after the longest prefix of its blocks already in the prefix cache.
 When a running request needs a block and none is free, the most recently admitted request is
 preempted: its blocks are released (full ones stay in the prefix cache) and it waits at the
 front of the queue to be recomputed.
+
+The scheduler decides tokens; blocks are the `KVCacheManager`'s, which it asks for room.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
-from pixtral.engine.block_allocator import BlockAllocator
+from pixtral.engine.chunk import Chunk
 from pixtral.engine.config import EngineConfig
+from pixtral.engine.kv_cache_manager import KVCacheManager
 from pixtral.engine.request import Request, Status
 
 
-@dataclass
-class ScheduledChunk:
-    request: Request
-    start: int  # first token to compute
-    length: int  # how many
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so its last logits pick a token."""
-        return self.start + self.length == self.request.num_tokens
-
-
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator):
-        self.config, self.allocator = config, allocator
-        self.block_size = config.block_size
+    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+        self.config, self.kv = config, kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.watermark = max(1, allocator.num_usable // 100)  # blocks kept free for running decodes
+        self.watermark = max(1, kv.num_blocks // 100)  # blocks kept free for running decodes
         self.num_preemptions = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -53,9 +42,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ one step
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> list[Chunk]:
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        chunks: list[Chunk] = []
         pending_decodes = sum(1 for r in self.running if r.remaining == 1)
         preempted = False
         i = 0
@@ -67,7 +56,7 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not self._grow(req, req.num_computed_tokens + n):
+            while not self.kv.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority: admitted last, not scheduled yet
                 pending_decodes -= victim is not req and victim.remaining == 1
                 self._preempt(victim)
@@ -75,72 +64,49 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status == Status.RUNNING:
-                chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+                chunks.append(self._chunk(req, n))
                 budget -= n
                 i += 1
         if not preempted:  # no room for newcomers while we are evicting
             self._admit(chunks, budget)
         return chunks
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
-        bs, alloc = self.block_size, self.allocator
+    def _chunk(self, req: Request, n: int) -> Chunk:
+        return Chunk(req.num_computed_tokens, n, self.kv.block_table(req.request_id), req)
+
+    def _admit(self, chunks: list[Chunk], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hits: list[int] = []
-            if alloc.enable_caching:
-                hashes = req.update_block_hashes(bs)
-                hits = alloc.lookup(hashes[: (req.num_tokens - 1) // bs])  # leave a token to compute
-            computed = len(hits) * bs
+            hits, computed = self.kv.computed_prefix(req)
             n = min(req.num_tokens - computed, budget)
-            need = -(-(computed + n) // bs) - len(hits)
-            available = alloc.num_free - alloc.num_free_among(hits)
-            if need > available - (self.watermark if self.running else 0):
+            if not self.kv.allocate(req, computed + n, hits, reserve=self.watermark if self.running else 0):
                 break
-            alloc.share(hits)
-            req.block_ids = hits + alloc.allocate(need)
             req.num_computed_tokens = computed
-            req.num_registered_blocks = len(hits)
             if req.num_cached_tokens is None:  # first admission: count prefix-cache hits
                 req.num_cached_tokens = computed
-                req.first_scheduled_time = time.monotonic()
+                req.metrics.first_scheduled_time = time.monotonic()
                 self.prefix_query_tokens += req.num_tokens
                 self.prefix_hit_tokens += computed
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            chunks.append(ScheduledChunk(req, computed, n))
+            chunks.append(self._chunk(req, n))
             budget -= n
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - len(req.block_ids)
-        if need <= 0:
-            return True
-        if need > self.allocator.num_free:
-            return False
-        req.block_ids += self.allocator.allocate(need)
-        return True
-
     def _preempt(self, req: Request) -> None:
-        self.allocator.release(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
         req.num_computed_tokens = 0
-        req.num_registered_blocks = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ after the step
-    def computed(self, chunk: ScheduledChunk) -> None:
+    def computed(self, chunk: Chunk) -> None:
         """The chunk's keys and values are in the cache: advance, and publish its full blocks."""
         req = chunk.request
-        req.num_computed_tokens = chunk.start + chunk.length
-        full = req.num_computed_tokens // self.block_size
-        if self.allocator.enable_caching and full > req.num_registered_blocks:
-            hashes = req.update_block_hashes(self.block_size)
-            for b in range(req.num_registered_blocks, full):
-                self.allocator.register(req.block_ids[b], hashes[b])
-            req.num_registered_blocks = full
+        req.num_computed_tokens = chunk.end
+        self.kv.cache_full_blocks(req, req.num_computed_tokens)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and release its blocks at once."""
@@ -148,6 +114,6 @@ class Scheduler:
             self.running.remove(req)
         elif req.status == Status.WAITING:
             self.waiting.remove(req)
-        self.allocator.release(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
+        self.kv.free_block_hashes(req)
         req.status = Status.FINISHED
