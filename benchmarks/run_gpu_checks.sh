@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 5 and 3 in one go, on one H100 or H200 (about 7 minutes on an H200;
-# ~60 GB of GPU memory, ~100 GB for the float32 parity step, which is skipped on smaller cards):
+# Every GPU measurement of issues 5, 3 and 26 in one go, on one H100 or H200 (steps 1-4 about 7 minutes
+# on an H200, step 5 at most 5.5 more; ~60 GB of GPU memory, ~100 GB for the float32 parity step, which
+# is skipped on smaller cards; ~30 GB of free disk for step 5):
 #
 #   bash benchmarks/run_gpu_checks.sh OUTDIR
 #
@@ -10,7 +11,12 @@
 # 3. gpu_parity_12b.py: logits and greedy tokens against transformers at 12B scale, in bf16 and
 #    against a float32 run of both;
 # 4. bench_recipe_time.py: the default model's training step and data steps on this machine, added
-#    up over scripts/train_default_model.sh's stages, against the 10-minute target.
+#    up over scripts/train_default_model.sh's stages, against the 10-minute target;
+# 5. bench_serving.py at the Pixtral-12B shape (random bf16 weights written in the Hugging Face layout,
+#    ~25 GB, which the text decoder export for `transformers serve` then takes over shard by shard): our
+#    server and `transformers serve --continuous-batching`, one after the other, on 16 chats x 2 turns
+#    arriving at 4/s and all at once (image chats on ours, the same chats without images on both), then
+#    the mixed steps (16 streams decoding while a 1024x1024 image, or as long a text, arrives).
 # Each step has its own time limit and log; a failed step does not stop the next one.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -21,6 +27,7 @@ python=${PYTHON:-python3}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  df -h "${TMPDIR:-/tmp}"
 } 2>&1 | tee "$out/machine.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, report the status
@@ -44,4 +51,7 @@ fp32=()
 if [ "${memory_mib:-0}" -lt 120000 ]; then fp32=(--no-fp32-reference); fi
 step parity 75 $python "$here/benchmarks/gpu_parity_12b.py" --out "$out/parity.json" "${fp32[@]}"
 step recipe 150 $python "$here/benchmarks/bench_recipe_time.py" --device cuda --steps 30 --images 8000
+# Servers started and stopped by the script itself (also when the limit's SIGTERM ends it); work files in $TMPDIR.
+step serving 330 $python "$here/benchmarks/bench_serving.py" --random pixtral-12b-2409 --device cuda \
+    --requests 16 --rates 4,inf --mixed-steps --startup-timeout 150 --timeout 120 --json "$out/serving.json"
 cat "$out/steps.txt"
