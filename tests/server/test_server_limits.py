@@ -271,3 +271,11 @@ def test_loop_errors_are_logged_once_per_interval(caplog):
     assert len(records) == 2
     assert records[0].exc_info is not None and records[1].exc_info is None  # a traceback only the first time
     assert "4999 more like it" in records[1].getMessage()
+
+
+def test_a_negative_prefill_cap_is_refused_at_start(tiny_dir):
+    args = [sys.executable, "-m", "pixtral.cli.main", "serve", "--model", str(tiny_dir), "--port", str(free_port()),
+            "--prefill-tokens-while-decoding", "-1"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--prefill-tokens-while-decoding must be 0 (no cap) or positive, got -1" in result.stderr + result.stdout

@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default: CPU 64, GPU 256)")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default: CPU 2048, GPU 8192)")
+    g.add_argument("--prefill-tokens-while-decoding", type=int,
+                   help="prompt tokens per step while requests decode, so they keep their pace (0: no cap; "
+                        "default: CPU 256, GPU 0)")
     g.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's context length)")
     g.add_argument("--kv-cache-gib", type=float, help="KV-cache memory (default: GPU 90%% of the card less the "
                                                       "model, CPU a fifth of RAM up to 4 GiB)")
@@ -105,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from pixtral.server.connections import ConnectionLimits, raise_file_limit, uvicorn_config
     from pixtral.server.connections import run as run_server
 
+    if args.prefill_tokens_while_decoding is not None and args.prefill_tokens_while_decoding < 0:
+        raise PixtralError(f"--prefill-tokens-while-decoding must be 0 (no cap) or positive, "
+                           f"got {args.prefill_tokens_while_decoding}")
     for name in ("max_image_pixels", "max_image_mb", "remote_image_timeout", "max_images_per_request",
                  "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gib", "max_queue",
                  "max_request_mb", "image_decode_mpixels", "image_decode_workers", "max_connections",
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "max_waiting": args.max_queue,
+        "prefill_tokens_while_decoding": args.prefill_tokens_while_decoding,
         "kv_cache_bytes": int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
         "enable_prefix_caching": not args.no_prefix_caching, "cuda_graphs": not args.no_cuda_graphs,
     }

@@ -15,6 +15,12 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int | None = None  # most requests running at once (CPU 64, GPU 256)
     max_num_batched_tokens: int | None = None  # tokens per step, decodes + prefill chunks (CPU 2048, GPU 8192)
+    # Prompt tokens per step while other requests are decoding (0: no cap, the whole budget). On the
+    # CPU a step's cost grows with every prompt token, so a long prompt arriving amid decodes would
+    # stall them: capped, a mixed step costs about twice a decode step there (`bench_serving.py
+    # --mixed-steps`), and the prompt takes more, shorter steps. On the GPU, where a decode step is
+    # bound by reading the weights, prompt tokens ride along nearly free: no cap by default.
+    prefill_tokens_while_decoding: int | None = None  # (CPU 256, GPU 0)
     kv_cache_bytes: int | None = None  # memory for the KV cache; None: sized from the device
     num_blocks: int | None = None  # exact number of blocks (tests); overrides kv_cache_bytes
     gpu_memory_utilization: float = 0.90  # GPU: share of the card's memory the engine may fill
@@ -34,12 +40,17 @@ class EngineConfig:
             self,
             max_num_seqs=self.max_num_seqs or (256 if gpu else 64),
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if gpu else 2048),
+            prefill_tokens_while_decoding=(self.prefill_tokens_while_decoding
+                                           if self.prefill_tokens_while_decoding is not None else (0 if gpu else 256)),
             cuda_graphs=self.cuda_graphs and gpu,
         )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "encoder_cache_tokens", "max_waiting"):
             value = getattr(cfg, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"engine setting {name!r} must be a positive integer, got {value!r}")
+        if not isinstance(cfg.prefill_tokens_while_decoding, int) or cfg.prefill_tokens_while_decoding < 0:
+            raise ValueError("engine setting 'prefill_tokens_while_decoding' must be a non-negative integer "
+                             f"(0: no cap), got {cfg.prefill_tokens_while_decoding!r}")
         if cfg.max_num_batched_tokens < cfg.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "

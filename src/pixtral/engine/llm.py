@@ -36,7 +36,7 @@ class LLM:
                  **engine_options: Any):
         """Load a checkpoint (default: the model shipped with the package) and start an engine.
 
-        `engine_options` are `EngineConfig` fields: max_num_seqs, max_num_batched_tokens,
+        `engine_options` are `EngineConfig` fields: max_num_seqs, max_num_batched_tokens, prefill_tokens_while_decoding,
         kv_cache_bytes, num_blocks, enable_prefix_caching, cuda_graphs, ...
         """
         from pixtral.assets import default_model_dir

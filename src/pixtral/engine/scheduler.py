@@ -2,7 +2,9 @@
 
 Every step has a token budget. Running requests go first, in arrival order: a decoding
 request takes one token, a request still reading its prompt takes a chunk of what is left of
-the budget after the pending decodes, so a long prompt never stalls the decodes. Then waiting
+the budget after the pending decodes, so a long prompt never stalls the decodes. While any
+request decodes, prompt chunks together take at most `prefill_tokens_while_decoding` tokens a
+step, so that the decoding requests' steps stay short (a lone prompt takes the whole budget). Then waiting
 requests are admitted while the budget, the sequence limit and the free KV blocks allow; each
 starts after the longest prefix of its blocks already in the prefix cache.
 
@@ -46,13 +48,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[Chunk] = []
         pending_decodes = sum(1 for r in self.running if r.remaining == 1)
+        cap = self.config.prefill_tokens_while_decoding
+        prompt_budget = cap if pending_decodes and cap else budget
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             decode = req.remaining == 1
             pending_decodes -= decode
-            n = min(req.remaining, budget if decode else budget - pending_decodes)
+            n = min(req.remaining, budget if decode else min(budget - pending_decodes, prompt_budget))
             if n <= 0:
                 i += 1
                 continue
@@ -66,15 +70,17 @@ class Scheduler:
             if req.status == Status.RUNNING:
                 chunks.append(self._chunk(req, n))
                 budget -= n
+                prompt_budget -= 0 if decode else n
                 i += 1
         if not preempted:  # no room for newcomers while we are evicting
-            self._admit(chunks, budget)
+            self._admit(chunks, min(budget, prompt_budget))
         return chunks
 
     def _chunk(self, req: Request, n: int) -> Chunk:
         return Chunk(req.num_computed_tokens, n, self.kv.block_table(req.request_id), req)
 
     def _admit(self, chunks: list[Chunk], budget: int) -> None:
+        """Start waiting requests; `budget`: the prompt tokens this step still takes."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, computed = self.kv.computed_prefix(req)
