@@ -97,3 +97,38 @@ def test_bad_request_and_full_queue_are_refused_at_submit(async_engine, processo
     asyncio.run(main())
     wait_until(lambda: not async_engine.engine.has_unfinished())
     assert async_engine.stats().kv_blocks_used == 0
+
+
+def test_deltas_waiting_together_are_handed_out_as_one(async_engine):
+    """A consumer that fell behind gets what is queued in one delta; an error or exception is never merged in."""
+    from pixtral.engine.async_engine import RequestStream
+    from pixtral.engine.outputs import OutputDelta, TokenLogprob
+    from pixtral.engine.request import Prompt
+
+    def delta(token, **kw):
+        return OutputDelta("r", text=f"<{token}>", token_ids=[token], logprobs=[TokenLogprob(token, -1.0)],
+                           num_generated_tokens=token, **kw)
+
+    async def consume(items):
+        stream = RequestStream(async_engine, "r", Prompt([1]), SamplingParams(logprobs=0))
+        for item in items:
+            stream._queue.put_nowait(item)
+        got = []
+        try:
+            async for d in stream:
+                got.append(d)
+        except RuntimeError as exc:
+            got.append(exc)
+        return got
+
+    got = asyncio.run(consume([delta(1), delta(2), delta(3, finish_reason="length"), delta(4)]))
+    assert len(got) == 1
+    assert (got[0].text, got[0].token_ids, got[0].finish_reason) == ("<1><2><3>", [1, 2, 3], "length")
+    assert [lp.token_id for lp in got[0].logprobs] == [1, 2, 3] and got[0].num_generated_tokens == 3
+
+    error = OutputDelta("r", finish_reason="error", error="boom", error_code="internal_error")
+    got = asyncio.run(consume([delta(1), delta(2), error]))
+    assert [(d.text, d.error) for d in got] == [("<1><2>", None), ("", "boom")]  # the error stands alone
+
+    got = asyncio.run(consume([delta(1), RuntimeError("engine died"), delta(2)]))
+    assert got[0].text == "<1>" and isinstance(got[1], RuntimeError)

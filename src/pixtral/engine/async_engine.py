@@ -62,12 +62,21 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[OutputDelta]:
+        held = None  # an item taken from the queue but not merged: the next one to hand out
         try:
             while not self.done:
-                item = await self._queue.get()
+                item, held = (held, None) if held is not None else (await self._queue.get(), None)
                 if isinstance(item, BaseException):
                     self.done = True
                     raise item
+                # Deltas that came while the consumer was busy go out as one: a server that falls behind
+                # the engine writes one event per turn, not one per token, and so catches up.
+                while not item.finished and not self._queue.empty():
+                    later = self._queue.get_nowait()
+                    if isinstance(later, BaseException) or later.error is not None:
+                        held = later
+                        break
+                    item.extend(later)
                 self.done = item.finished
                 yield item
         finally:

@@ -51,6 +51,16 @@ class OutputDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def extend(self, later: "OutputDelta") -> None:
+        """Take in the request's next delta (not an error one): as if both had come in one step."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        if self.logprobs is not None and later.logprobs is not None:
+            self.logprobs += later.logprobs
+        for name in ("finish_reason", "num_prompt_tokens", "num_image_tokens", "num_cached_tokens",
+                     "num_generated_tokens", "metrics"):
+            setattr(self, name, getattr(later, name))
+
 
 @dataclass
 class CompletionOutput:
