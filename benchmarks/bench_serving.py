@@ -228,7 +228,9 @@ async def run_chat(send, chat: Chat, turns: int, at: float) -> list[Result]:
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     first = await send(chat.first_turn(), chat.max_tokens, Result(chat.index, 1, time.perf_counter()))
     results = [first]
-    if turns > 1 and first.error is None:
+    # No follow-up to an empty answer: an assistant turn without content is not a valid conversation
+    # (mistral-common refuses it, and so does every server built on it).
+    if turns > 1 and first.error is None and first.text:
         second = Result(chat.index, 2, time.perf_counter())
         results.append(await send(chat.second_turn(first.text), chat.max_tokens, second))
     return results
@@ -432,11 +434,16 @@ MIXED_ROWS = [("arriving request: prompt tokens", "prompt_tokens"), ("its time t
 def mixed_table(rows: list[dict]) -> str:
     names = [f"{r['server']}: {r['arriving']}" for r in rows]
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    if any(r["streams"] == 0 for r in rows):
+        lines.insert(0, "(-: the streams had ended before the request arrived; a model that stops early, such as the "
+                        "default model, cannot show this: use --random)")
     for label, key in MIXED_ROWS:
         cells = []
         for r in rows:
             if key == "gaps":
                 cells.append(f"{r['gaps_before']} / {r['gaps_during']}")
+            elif isinstance(r[key], float) and math.isnan(r[key]):
+                cells.append("-")  # nothing to measure: no stream was still decoding
             elif key.startswith("slowdown"):
                 cells.append(f"{r[key]:.2f}x")
             elif isinstance(r[key], float):
