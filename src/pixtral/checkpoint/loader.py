@@ -54,18 +54,32 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
 
     with torch.device("meta"):
         model = Pixtral(args)
+    fill_parameters(model, reader, device, dtype)
+    return model
+
+
+def fill_parameters(model: nn.Module, reader: TensorReader, device: torch.device, dtype: torch.dtype,
+                    read=None) -> None:
+    """Fill a meta-device model from the reader, one tensor at a time, and set it up for inference.
+
+    `read(name)` gives each parameter's tensor (default: the whole stored tensor; a tensor-parallel
+    rank passes one that reads its slice). The reader is closed at the end.
+    """
+    read = read or reader.read
+    params = dict(model.named_parameters())
     try:
         for ours, (stored_name, info) in reader.tensors.items():
-            tensor = reader.read(ours)
+            tensor = read(ours)
             if not torch.is_floating_point(tensor):
                 raise CheckpointError(f"{info.file}: tensor {stored_name!r} has non-float dtype {tensor.dtype}")
+            if tensor.shape != params[ours].shape:  # the reader checked the file: a model/plan mismatch is ours
+                raise AssertionError(f"{ours}: read {tuple(tensor.shape)}, the model holds {tuple(params[ours].shape)}")
             _set_parameter(model, ours, tensor.to(device=device, dtype=dtype))
             del tensor
     finally:
         reader.close()
     model.eval()
     model.requires_grad_(False)
-    return model
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
