@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixtral.cli.common import add_model_options, load_model_and_processor
+from pixtral.cli.common import add_model_options, add_tensor_parallel_option, load_model_and_processor
 from pixtral.errors import PixtralError
 
 HELP = """\
@@ -16,6 +16,7 @@ an image to your next message, '/reset' starts over, '/quit' (or Ctrl-D) leaves.
 examples:
   pixtral chat --image examples/chart.png "What is the value of bar G?"
   pixtral chat --model ~/models/Pixtral-12B-2409 --image photo.jpg
+  pixtral chat --model ~/models/Pixtral-Large-Instruct-2411 --tensor-parallel-size 8 --image photo.jpg
 """
 
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_tensor_parallel_option(p)
     p.set_defaults(func=run)
 
 
@@ -43,11 +45,17 @@ def _user_message(text: str, images: list[str]) -> dict:
 
 
 def _answer(model, processor, messages, params, out) -> str:
+    """`model`: the model itself (the plain generation loop), or an `LLM` (a tensor-parallel engine)."""
+    from pixtral.engine import LLM
     from pixtral.generation import stream_chat
 
+    if isinstance(model, LLM):
+        pieces = (d.text for d in model.stream_chat(messages, params) if not _failed(d))
+    else:
+        pieces = (p for p in stream_chat(model, processor, messages, params) if isinstance(p, str))
     text = ""
-    for piece in stream_chat(model, processor, messages, params):
-        if isinstance(piece, str):
+    for piece in pieces:
+        if piece:
             out.write(piece)
             out.flush()
             text += piece
@@ -55,7 +63,36 @@ def _answer(model, processor, messages, params, out) -> str:
     return text
 
 
+def _failed(delta) -> bool:
+    if delta.error:
+        raise PixtralError(delta.error)
+    return False
+
+
+def _load(args: argparse.Namespace):
+    """(model, processor, closer): the model in this process, or over --tensor-parallel-size ranks."""
+    from pixtral.cli.common import DTYPES, check_tensor_parallel_size, resolve_device, tensor_parallel_size
+
+    size = tensor_parallel_size(args)
+    if size == 1:
+        model, processor = load_model_and_processor(args)
+        return model, processor, lambda: None
+    from pixtral.assets import default_model_dir
+    from pixtral.engine import LLM
+
+    path = args.model or default_model_dir()
+    device = resolve_device(args.device)
+    check_tensor_parallel_size(path, size, device)
+    llm = LLM(path, device, DTYPES.get(args.dtype), tensor_parallel_size=size)
+    return llm, llm.processor, llm.close
+
+
 def run(args: argparse.Namespace) -> int:
+    from pixtral.cli.common import torchrun_worker
+
+    code = torchrun_worker(args)  # under torchrun, the ranks other than 0 serve rank 0's engine
+    if code is not None:
+        return code
     from pixtral.generation import SamplingParams
     from pixtral.processing import load_image
 
@@ -63,7 +100,16 @@ def run(args: argparse.Namespace) -> int:
                             max_tokens=args.max_tokens, seed=args.seed)
     for img in args.image:  # fail on a bad image before loading a large model
         load_image(img)
-    model, processor = load_model_and_processor(args)
+    model, processor, close = _load(args)
+    try:
+        return _chat(args, model, processor, params)
+    finally:
+        close()
+
+
+def _chat(args: argparse.Namespace, model, processor, params) -> int:
+    from pixtral.processing import load_image
+
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         _answer(model, processor, history + [_user_message(args.prompt, args.image)], params, sys.stdout)
@@ -103,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             reply = _answer(model, processor, history + [message], params, sys.stdout)
         except PixtralError as exc:
+            from pixtral.engine.executor import TensorParallelError
+
+            if isinstance(exc, TensorParallelError):  # a rank is gone: no later answer can come
+                raise
             print(f"error: {exc}", file=sys.stderr)
             continue
         history += [message, {"role": "assistant", "content": reply}]

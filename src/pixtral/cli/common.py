@@ -57,3 +57,52 @@ def load_model_and_processor(args: argparse.Namespace):
     device = resolve_device(args.device)
     model = load_model(path, device=device, dtype=DTYPES.get(args.dtype))
     return model, load_processor(path)
+
+
+# ---------------------------------------------------------------------- tensor parallelism
+def add_tensor_parallel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                        help="split the model over N ranks, one process each (one per GPU: cuda:0..N-1 from "
+                             "--device; on the CPU, N processes over gloo); the command starts and stops the "
+                             "workers itself. Under torchrun it is the world size (several nodes: see docs/serving.md)")
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    """The size asked for, checked against torchrun's world size when torchrun started us."""
+    from pixtral.parallel.process_group import torchrun_env
+
+    size = args.tensor_parallel_size
+    env = torchrun_env()
+    if env is not None and env.world_size > 1:
+        if size is None:
+            size = env.world_size
+        elif size != env.world_size:
+            raise PixtralError(f"--tensor-parallel-size {size} under torchrun with WORLD_SIZE={env.world_size}: "
+                               "launch as many processes as ranks")
+    size = 1 if size is None else size
+    if size < 1:
+        raise PixtralError(f"--tensor-parallel-size must be a positive integer, got {size}")
+    return size
+
+
+def torchrun_worker(args: argparse.Namespace) -> int | None:
+    """Under torchrun, on a rank other than 0: serve as a tensor-parallel worker and return the exit
+    code (rank 0 runs the command itself and drives the others). None: run the command."""
+    from pixtral.parallel.process_group import torchrun_env
+
+    env = torchrun_env()
+    if env is None or env.world_size == 1 or env.rank == 0:
+        return None
+    tensor_parallel_size(args)  # the same checks as rank 0, so a bad launch fails on every rank
+    from pixtral.engine.tp_worker import run_torchrun_worker
+
+    return run_torchrun_worker(resolve_device(getattr(args, "device", None)).type)
+
+
+def check_tensor_parallel_size(path, size: int, device: torch.device) -> None:
+    """Refuse a size the model or the machine cannot take, before any process starts."""
+    if size == 1:
+        return
+    from pixtral.engine.executor import check_size
+
+    check_size(path, size, device)

@@ -63,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="OpenAI-compatible API base URL, e.g. http://localhost:8000/v1 (our server, vLLM, ...)")
     target.add_argument("--served-model", metavar="NAME", help="model name to request from --endpoint")
     target.add_argument("--api-key", metavar="KEY", help="API key for --endpoint (default: none)")
+    from pixtral.cli.common import add_tensor_parallel_option
+
+    add_tensor_parallel_option(target)
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--output-dir", default="runs/eval", metavar="DIR", help="where results go (default: runs/eval)")
     run_opts.add_argument("--limit", type=_positive_int, metavar="N",
@@ -101,6 +104,8 @@ def _backend(args: argparse.Namespace):
 
     if args.endpoint and args.model:
         raise ConfigError("--model and --endpoint are exclusive: evaluate a local checkpoint or an endpoint, not both")
+    if args.endpoint and args.tensor_parallel_size not in (None, 1):
+        raise ConfigError("--tensor-parallel-size is for a local --model; the endpoint's server splits its own model")
     if args.endpoint:
         if not args.served_model:
             raise ConfigError("--endpoint needs --served-model NAME (the model name the endpoint serves)")
@@ -108,7 +113,14 @@ def _backend(args: argparse.Namespace):
                              attempts=args.retries)
     if args.served_model:
         raise ConfigError("--served-model needs --endpoint URL")
-    return LocalBackend(args.model, max_batch=args.concurrency)
+    from pixtral.cli.common import check_tensor_parallel_size, resolve_device, tensor_parallel_size
+
+    size = tensor_parallel_size(args)
+    if size > 1:
+        from pixtral.assets import default_model_dir
+
+        check_tensor_parallel_size(args.model or default_model_dir(), size, resolve_device(None))
+    return LocalBackend(args.model, max_batch=args.concurrency, tensor_parallel_size=size)
 
 
 def _judge(args: argparse.Namespace):
@@ -133,8 +145,11 @@ def _judge(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixtral.cli.common import require
+    from pixtral.cli.common import require, torchrun_worker
 
+    code = torchrun_worker(args)  # under torchrun, the ranks other than 0 serve rank 0's engine
+    if code is not None:
+        return code
     require("eval", "eval")
 
     from pixtral.eval.report import markdown

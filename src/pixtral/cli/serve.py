@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 HELP = """\
 Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, streamed or not;
@@ -18,14 +19,19 @@ it closes the longest-idle one, or gets a 503 when all are busy), --header-timeo
 image decode budget (--image-decode-mpixels, --image-decode-workers: at most that many pixels
 and images decode at once, up to about 25 bytes a pixel at the peak).
 
+With --tensor-parallel-size N the model is split over N GPUs, one worker process each, started
+and stopped by the server; if a worker dies, the server answers 503 and exits with an error
+naming it. Several nodes: the same command under torchrun (docs/serving.md).
+
 examples:
   pixtral serve --model ~/models/Pixtral-12B-2409 --port 8000
   pixtral serve --model ckpt --host 0.0.0.0 --api-key "$KEY" --allow-remote-images
+  pixtral serve --model ~/models/Pixtral-Large-Instruct-2411 --tensor-parallel-size 8
 """
 
 
 def register(subparsers) -> None:
-    from pixtral.cli.common import add_model_options
+    from pixtral.cli.common import add_model_options, add_tensor_parallel_option
     from pixtral.processing.images import DEFAULT_MAX_PIXELS
 
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=HELP,
@@ -71,6 +77,7 @@ def register(subparsers) -> None:
     g.add_argument("--max-request-mb", type=float, default=100.0, help="largest request body (default 100)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     g.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run the decode step eagerly")
+    add_tensor_parallel_option(g)
     p.set_defaults(func=run)
 
 
@@ -89,8 +96,11 @@ def _positive(name: str, value) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pixtral.cli.common import require
+    from pixtral.cli.common import require, torchrun_worker
 
+    code = torchrun_worker(args)  # under torchrun, the ranks other than 0 serve rank 0's engine
+    if code is not None:
+        return code
     require("server", "serve")
 
     from pathlib import Path
@@ -99,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pixtral.assets import default_model_dir
     from pixtral.checkpoint import find_files, read_args
-    from pixtral.cli.common import DTYPES, resolve_device
+    from pixtral.cli.common import DTYPES, check_tensor_parallel_size, resolve_device, tensor_parallel_size
     from pixtral.engine import AsyncEngine
     from pixtral.errors import PixtralError
     from pixtral.processing.images import ImagePolicy
@@ -124,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model).expanduser() if args.model else default_model_dir()
     read_args(find_files(path))  # a wrong path fails now, not after the server has started
     device = resolve_device(args.device)
+    tp = tensor_parallel_size(args)
+    check_tensor_parallel_size(path, tp, device)  # a size the model or the machine cannot take fails now
     budget = DecodeBudget(max(1, int(args.image_decode_mpixels * 1e6)), args.image_decode_workers)
     policy = ImagePolicy(max_pixels=args.max_image_pixels, max_bytes=int(args.max_image_mb * 2**20),
                          allow_local_files=False, allow_remote=args.allow_remote_images,
@@ -134,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "prefill_tokens_while_decoding": args.prefill_tokens_while_decoding,
         "kv_cache_bytes": int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
         "enable_prefix_caching": not args.no_prefix_caching, "cuda_graphs": not args.no_cuda_graphs,
+        "tensor_parallel_size": tp,
     }
     config = ServerConfig(model_name=args.served_model_name or path.resolve().name, api_key=args.api_key,
                           image_policy=policy, max_images_per_request=args.max_images_per_request,
@@ -148,20 +161,72 @@ def run(args: argparse.Namespace) -> int:
     state = ServerState()
     server = uvicorn.Server(uvicorn_config(build_app(state, config), limits, host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=5))
-    failed = []
+    failed, workers_failed = [], []
 
     def on_error(exc: BaseException) -> None:
         failed.append(exc)
         server.should_exit = True
 
-    state.load_in_background(
-        lambda: AsyncEngine.from_pretrained(path, device, DTYPES.get(args.dtype), image_policy=policy, **options),
-        on_error)
+    def on_worker_failure(exc: BaseException) -> None:  # from the executor's watcher thread
+        logging.getLogger("pixtral.server").error("%s: the engine cannot go on; answering 503 and shutting down", exc)
+        workers_failed.append(exc)
+        server.should_exit = True
+
+    def load() -> AsyncEngine:
+        engine = AsyncEngine.from_pretrained(path, device, DTYPES.get(args.dtype), image_policy=policy, **options)
+        engine.on_worker_failure(on_worker_failure)
+        return engine
+
+    state.load_in_background(load, on_error)
     logging.getLogger("pixtral.server").info("serving %r at http://%s:%d/v1 (loading the model...)",
                                              config.model_name, args.host, args.port)
-    run_server(server)
-    if state.engine is not None:
-        state.engine.shutdown()
+    if tp == 1:
+        run_server(server)
+        if state.engine is not None:
+            state.engine.shutdown()
+    else:
+        _run_supervised(server, state, workers_failed)
     if failed:
         raise PixtralError(f"could not load the model: {state.load_error}")
     return 0
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _run_supervised(server, state, workers_failed: list) -> None:
+    """Serve with tensor-parallel workers: whatever ends the server (SIGTERM, SIGINT, a dead worker),
+    the engine and every worker are stopped and reaped before this process exits.
+
+    uvicorn handles SIGINT and SIGTERM itself, then raises the signal again once it has shut down:
+    SIGTERM is made an exception here so that the workers are stopped first; then the process dies
+    by the signal as it would with one process.
+    """
+    import signal
+
+    from pixtral.server.connections import run as run_server
+
+    terminated = False
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        run_server(server)
+    except _Terminated:
+        terminated = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM during the shutdown below kills at once
+        if state.engine is not None:
+            state.engine.shutdown()  # the engine thread, then the workers (asked to stop, else killed)
+    if workers_failed:
+        # Every worker is stopped and reaped by now. Exit at once: a thread may still be caught in a
+        # collective with the dead rank (NCCL), and interpreter teardown must not wait on it.
+        print(f"error: {workers_failed[0]}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
+    if terminated:
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGTERM)

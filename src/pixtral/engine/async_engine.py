@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pixtral.engine.engine import Engine, EngineStats
+from pixtral.engine.executor import TensorParallelError
 from pixtral.engine.inputs import chat_prompt, generate_prompt
 from pixtral.engine.output_processor import OutputProcessor
 from pixtral.engine.outputs import OutputDelta, RequestOutput
@@ -108,6 +109,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
         _ = engine.processor.max_token_bytes  # the text-length bound, computed now rather than on the first request
+        if engine.executor is not None:  # a tensor-parallel worker that dies ends the engine at once
+            engine.executor.add_failure_callback(self._workers_failed)
         if start:
             self.start()
 
@@ -149,10 +152,26 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the tensor-parallel workers if any."""
         self._stop.set()
         self._commands.put(("wake", None))
         if self._thread is not None:
-            self._thread.join(timeout)
+            # A thread caught in a step with a dead rank gets out when the workers are stopped below.
+            self._thread.join(timeout if self.dead is None else min(timeout, 1.0))
+        self.engine.close()
+
+    def on_worker_failure(self, callback) -> None:
+        """Call `callback(error)` once, from another thread, if a tensor-parallel worker dies or falls out
+        of step (the engine is dead by then: `alive` is False). Never called with one process."""
+        if self.engine.executor is not None:
+            self.engine.executor.add_failure_callback(callback)
+
+    def _workers_failed(self, error: BaseException) -> None:
+        """(the executor's watcher thread) Dead at once: /health answers 503 and every stream ends."""
+        if self.dead is None:
+            self.dead = error
+        self._fail_streams()
+        self._commands.put(("wake", None))
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> RequestStream:
@@ -209,22 +228,29 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.dead is None:
                 self._take_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     self._hand_over(self.engine.step())
         except BaseException as exc:  # noqa: BLE001 - report it to every waiting client
-            log.exception("the engine thread died")
-            self.dead = exc
+            if isinstance(exc, TensorParallelError):  # a rank is gone: said by the executor already
+                log.error("the engine thread stopped: %s", exc)
+            else:
+                log.exception("the engine thread died")
+            if self.dead is None:
+                self.dead = exc
         finally:
-            error = EngineDeadError(f"the engine stopped{f': {self.dead}' if self.dead else ''}")
-            for stream in list(self._streams.values()):
-                self.outputs.abort(stream.request_id)
-                try:
-                    stream._put(error)
-                except RuntimeError:  # that client's event loop is gone
-                    pass
-            self._streams.clear()
+            self._fail_streams()
+
+    def _fail_streams(self) -> None:
+        error = EngineDeadError(f"the engine stopped{f': {self.dead}' if self.dead else ''}")
+        for stream in list(self._streams.values()):
+            self.outputs.abort(stream.request_id)
+            try:
+                stream._put(error)
+            except RuntimeError:  # that client's event loop is gone
+                pass
+        self._streams.clear()
 
     def _take_commands(self, block: bool) -> None:
         try:

@@ -32,6 +32,9 @@ class EngineConfig:
     max_graph_batch: int = 256  # GPU: largest decode batch captured in a graph
     fuse_projections: bool = True  # GPU: one matmul for q/k/v and one for the FFN's gate/up (`Pixtral.fuse_projections`)
     triton_kernels: bool = True  # GPU, with Triton installed: paged decode attention and fused norm/RoPE/SiLU kernels
+    # Ranks the model is split over, one process each (the engine's own is rank 0; see engine/executor.py).
+    # 1: the whole model in this process, no other process. Above 1, CUDA graphs are off (not verified yet).
+    tensor_parallel_size: int = 1
 
     def resolved(self, device: torch.device) -> "EngineConfig":
         """A copy with the device-dependent defaults filled in, checked."""
@@ -42,8 +45,11 @@ class EngineConfig:
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if gpu else 2048),
             prefill_tokens_while_decoding=(self.prefill_tokens_while_decoding
                                            if self.prefill_tokens_while_decoding is not None else (0 if gpu else 256)),
-            cuda_graphs=self.cuda_graphs and gpu,
+            cuda_graphs=self.cuda_graphs and gpu and self.tensor_parallel_size == 1,
         )
+        tp = cfg.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"engine setting 'tensor_parallel_size' must be a positive integer, got {tp!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "encoder_cache_tokens", "max_waiting"):
             value = getattr(cfg, name)
             if not isinstance(value, int) or value < 1:

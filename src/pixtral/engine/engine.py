@@ -14,13 +14,16 @@ finish reasons the engine can see itself (stop ids, max_tokens, errors). Text is
 from the step loop, so detokenizing never holds up the next step; when a stop string matches,
 the output processor ends the request with `finish_requests`. Finished and aborted requests
 give their KV blocks back at once. The engine is synchronous and single-threaded;
-`AsyncEngine` drives it from a background thread.
+`AsyncEngine` drives it from a background thread. Under tensor parallelism (`executor.py`) all of
+this runs once, in the driver's process; only the model runner's forward passes and image
+encodings run on every rank.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +35,8 @@ from pixtral.engine.chunk import Chunk
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.encoder_cache import EncoderCache
 from pixtral.engine.fusion import fuse
-from pixtral.engine.kv_cache import PagedKVCache, num_blocks_for, profile_activation_bytes
+from pixtral.engine.executor import TensorParallelError
+from pixtral.engine.kv_cache import PagedKVCache, engine_num_blocks
 from pixtral.engine.kv_cache_manager import KVCacheManager
 from pixtral.engine.model_runner import ModelRunner
 from pixtral.engine.outputs import OutputDelta
@@ -66,25 +70,38 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, processor, config: EngineConfig | None = None):
+    def __init__(self, model, processor, config: EngineConfig | None = None, executor=None):
+        """`executor`: a `TensorParallelExecutor` whose workers hold the other ranks of `model`
+        (rank 0's part); every forward pass then runs on every rank (see `executor.py`)."""
         self.model, self.processor = model, processor
         self.device, self.dtype = model.device, model.dtype
         self.config = cfg = (config or EngineConfig()).resolved(self.device)
+        self.executor = executor
+        if executor is not None and cfg != executor.config:
+            raise ValueError("the engine's config differs from the one its tensor-parallel workers were given")
         if self.device.type == "cuda":
             fuse(model, projections=cfg.fuse_projections, kernels=cfg.triton_kernels)
 
-        reserved = 0
-        if self.device.type == "cuda" and cfg.num_blocks is None and cfg.kv_cache_bytes is None:
-            reserved = profile_activation_bytes(model, cfg) + cfg.encoder_cache_tokens * model.args.dim * 2
-        num_blocks = num_blocks_for(model, cfg, reserved)
+        if executor is not None:
+            executor.wait_loaded()  # every rank loaded: the KV-cache sizing below may be a collective
+        num_blocks = engine_num_blocks(model, cfg)
+        if executor is not None:
+            num_blocks = executor.agree_num_blocks(num_blocks)
         self.cache = PagedKVCache(model.args, num_blocks, cfg.block_size, self.device, self.dtype)
         self.allocator = BlockAllocator(num_blocks, cfg.enable_prefix_caching)
         self.kv = KVCacheManager(self.allocator, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.kv)
         self.kv_capacity = self.kv.num_blocks * cfg.block_size  # tokens
         self.max_model_len = min(model.args.max_seq_len, cfg.max_model_len or model.args.max_seq_len)
-        self.runner = ModelRunner(model, self.cache, cfg, min(self.max_model_len, self.kv_capacity))
-        self.encoder_cache = EncoderCache(cfg.encoder_cache_tokens)
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_tokens, track_evictions=executor is not None)
+        runner_len = min(self.max_model_len, self.kv_capacity)
+        if executor is None:
+            self.runner = ModelRunner(model, self.cache, cfg, runner_len)
+        else:
+            self.runner = executor.make_runner(model, self.cache, cfg, runner_len)
+            self.runner.encoder_cache = self.encoder_cache  # its evictions go to the workers
+            executor.wait_ready()
+            weakref.finalize(self, executor.close)  # an engine dropped without close() still stops its workers
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.eos_id = processor.eos_id
@@ -195,6 +212,8 @@ class Engine:
         self._steps += 1
         try:
             return self._run_step(chunks)
+        except TensorParallelError:  # a rank is gone or out of step: the engine cannot go on
+            raise
         except Exception as exc:  # noqa: BLE001 - a bug past the per-request handling below
             log.exception("engine step failed")
             return self._fail([c.request for c in chunks if not c.request.finished], exc)
@@ -232,6 +251,8 @@ class Engine:
         """
         try:
             return chunks, self.runner.forward(chunks, self._image_features(chunks)), []
+        except TensorParallelError:
+            raise
         except Exception as exc:  # noqa: BLE001
             if len(chunks) == 1:
                 log.exception("engine step failed")
@@ -241,6 +262,8 @@ class Engine:
         for c in chunks:
             try:
                 logits = self.runner.forward([c], self._image_features([c]))
+            except TensorParallelError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 deltas += self._fail([c.request], exc)
                 continue
@@ -278,7 +301,7 @@ class Engine:
                 else:
                     features[key] = cached
         if missing:
-            for key, feats in zip(missing, self.runner.encode_images(list(missing.values()))):
+            for key, feats in zip(missing, self.runner.encode_images(list(missing.values()), list(missing))):
                 features[key] = feats
                 self.encoder_cache.put(key, feats)
             self._images_encoded += len(missing)
@@ -333,6 +356,11 @@ class Engine:
         """GPU: capture the common decode graphs now, so that first requests do not wait for it."""
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; nothing to do with one process)."""
+        if self.executor is not None:
+            self.executor.close()
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes and image features (benchmarks)."""

@@ -59,6 +59,16 @@ def num_blocks_for(model, config: EngineConfig, reserved_bytes: int = 0) -> int:
     return int(blocks)
 
 
+def engine_num_blocks(model, config: EngineConfig) -> int:
+    """The blocks an engine over `model` can have on its device: on a GPU without an explicit
+    budget, what is left after the largest step's activations and the encoder cache (measured by
+    running that step: under tensor parallelism a collective, so every rank calls this together)."""
+    reserved = 0
+    if model.device.type == "cuda" and config.num_blocks is None and config.kv_cache_bytes is None:
+        reserved = profile_activation_bytes(model, config) + config.encoder_cache_tokens * model.args.dim * 2
+    return num_blocks_for(model, config, reserved)
+
+
 def profile_activation_bytes(model, config: EngineConfig) -> int:
     """GPU: peak memory of the largest step (a full prefill chunk) beyond what is allocated now."""
     device = model.device

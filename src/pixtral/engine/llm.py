@@ -12,6 +12,7 @@ text (and ends the requests whose stop strings matched). Results come back in in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from pixtral.engine.config import EngineConfig
 from pixtral.engine.engine import Engine
 from pixtral.engine.inputs import chat_prompt, generate_prompt
 from pixtral.engine.output_processor import OutputProcessor
-from pixtral.engine.outputs import RequestOutput
+from pixtral.engine.outputs import OutputDelta, RequestOutput
 from pixtral.engine.request import Prompt
-from pixtral.errors import RequestError
+from pixtral.errors import ConfigError, RequestError
 from pixtral.generation.params import SamplingParams
 from pixtral.processing.images import LOCAL_POLICY, ImagePolicy
 
@@ -37,7 +38,11 @@ class LLM:
         """Load a checkpoint (default: the model shipped with the package) and start an engine.
 
         `engine_options` are `EngineConfig` fields: max_num_seqs, max_num_batched_tokens, prefill_tokens_while_decoding,
-        kv_cache_bytes, num_blocks, enable_prefix_caching, cuda_graphs, ...
+        kv_cache_bytes, num_blocks, enable_prefix_caching, cuda_graphs, tensor_parallel_size, ...
+
+        With `tensor_parallel_size=N` (N > 1) the model is split over N ranks: this process is rank 0
+        and starts N - 1 worker processes (one per GPU, cuda:i..cuda:i+N-1 from `device`; on the CPU,
+        N processes over gloo). Call `close()` (or use `with LLM(...) as llm:`) to stop them.
         """
         from pixtral.assets import default_model_dir
         from pixtral.checkpoint import load_model
@@ -50,21 +55,47 @@ class LLM:
             if dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        model = load_model(path, device=device, dtype=dtype)
-        self._setup(model, load_processor(path, image_policy), engine_options)
+        size = engine_options.get("tensor_parallel_size", 1)
+        if size == 1:
+            model = load_model(path, device=device, dtype=dtype)
+            self._setup(model, load_processor(path, image_policy), engine_options)
+            return
+        from pixtral.engine.executor import TensorParallelExecutor
+
+        processor = load_processor(path, image_policy)  # a bad tokenizer fails before any process starts
+        executor = TensorParallelExecutor.start(path, size, device, dtype, EngineConfig(**engine_options))
+        try:
+            self._setup(executor.model, processor, engine_options, executor)
+        except BaseException:
+            executor.close()
+            raise
 
     @classmethod
     def from_model(cls, model, processor, **engine_options: Any) -> "LLM":
         """Wrap a model and processor already in memory."""
+        if engine_options.get("tensor_parallel_size", 1) != 1:
+            raise ConfigError("tensor parallelism needs a checkpoint path (each rank reads its own slices): "
+                              "use LLM(path, tensor_parallel_size=N)")
         llm = cls.__new__(cls)
         llm._setup(model, processor, engine_options)
         return llm
 
-    def _setup(self, model, processor, engine_options: dict[str, Any]) -> None:
+    def _setup(self, model, processor, engine_options: dict[str, Any], executor=None) -> None:
         self.model, self.processor = model, processor
-        self.engine = Engine(model, processor, EngineConfig(**engine_options))
+        self.engine = Engine(model, processor, EngineConfig(**engine_options), executor=executor)
         self.outputs = OutputProcessor(processor)
         self.engine.warmup()  # GPU: decode graphs captured now, not during the first requests
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; nothing to stop with one process)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ API
     def chat(self, conversations: list[list[dict]] | list[dict],
@@ -84,6 +115,29 @@ class LLM:
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run([generate_prompt(self.processor, p) for p in prompts], params)
+
+    def stream_chat(self, conversation: list[dict], params: SamplingParams | None = None, *,
+                    image_policy: ImagePolicy | None = None) -> Iterator[OutputDelta]:
+        """One conversation's answer as it is generated: `OutputDelta`s with text, the last one finished."""
+        limit = min(self.engine.max_model_len, self.engine.kv_capacity)
+        prompt = chat_prompt(self.processor, list(conversation), image_policy, limit)
+        params = params or SamplingParams()
+        rid = self.engine.add_request(prompt, params)
+        self.outputs.add(rid, params)
+        finished = False
+        try:
+            while not finished:
+                deltas, finish = self.outputs.process(self.engine.step())
+                for reason, ids in finish.items():
+                    self.engine.finish_requests(ids, reason)
+                for delta in deltas:
+                    if delta.request_id == rid:
+                        finished = delta.finished
+                        yield delta
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+                self.outputs.abort(rid)
 
     # ------------------------------------------------------------------ running
     def _run(self, prompts: list[Prompt], params) -> list[RequestOutput]:

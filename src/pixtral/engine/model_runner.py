@@ -6,11 +6,17 @@ logits for the last token of each chunk that reaches its sequence's end. Attenti
 decode rows and the prompt chunks of every request (`PagedAttention`), so a step costs about
 the same whether its rows are decodes, prompt chunks or both. Steps made only of decodes skip
 the image work, and on the GPU replay a CUDA graph.
+
+A step is prepared (`prepare`: the chunks as plain data, a `StepInput`) and then executed
+(`execute`); under tensor parallelism the driver sends the prepared step to every worker, and
+every rank executes it (`executor.py`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +28,27 @@ from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import PagedKVCache
 
 log = logging.getLogger("pixtral.engine")
+
+
+@dataclass
+class StepInput:
+    """One forward pass as plain data: what every tensor-parallel rank runs (`ModelRunner.execute`).
+
+    `chunks` give the positions and block tables (their requests are not needed past `prepare`;
+    a tensor-parallel driver sends its workers the tables' new blocks only); `token_ids` are the
+    flat batch's tokens. A step of
+    prompt tokens also has `slots` (where image features go) and `image_rows`, the feature rows
+    that fill them in order, as (image key, first row, end row); `sample_rows` are the rows of the
+    flat batch whose logits are returned. A decode-only step has none of these (no image slot, every
+    row samples).
+    """
+
+    chunks: list[Chunk]
+    token_ids: np.ndarray | list[int]
+    decode_only: bool
+    slots: np.ndarray | None = None
+    image_rows: list[tuple[bytes, int, int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -44,8 +71,11 @@ class ModelRunner:
                                            max_model_len, use_triton=config.triton_kernels)
 
     # ------------------------------------------------------------------ images
-    def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Images of any number of requests, in one packed vision pass -> features per image."""
+    def encode_images(self, images: list[torch.Tensor], keys: list[bytes] | None = None) -> list[torch.Tensor]:
+        """Images of any number of requests, in one packed vision pass -> features per image.
+
+        `keys` (the images' content hashes) are for a tensor-parallel runner, whose workers keep
+        the features under them; this one does not need them."""
         counts = self.model.image_token_counts(images)
         parts = self.model.encode_images(images).split(counts)
         # Copies, when several: the encoder cache keeps each image's features, and a view would keep
@@ -55,24 +85,38 @@ class ModelRunner:
     # ------------------------------------------------------------------ decoder
     def forward(self, chunks: list[Chunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
         """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
+        return self.execute(self.prepare(chunks), features)
+
+    def prepare(self, chunks: list[Chunk]) -> StepInput:
+        """The step as plain data (what a tensor-parallel driver sends its workers)."""
         decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
         if decode_only:
+            return StepInput(chunks, [c.request.token_ids[c.start] for c in chunks], True)
+        ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.end], dtype=np.int64) for c in chunks])
+        slots, rows = self._image_rows(chunks)
+        ends = np.cumsum([c.length for c in chunks]) - 1
+        sample_rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
+        return StepInput(chunks, ids, False, slots, rows, sample_rows)
+
+    def execute(self, step: StepInput, features: Mapping[bytes, torch.Tensor]) -> torch.Tensor:
+        """Run a prepared step: `features` holds the features of every image key it names."""
+        chunks = step.chunks
+        if step.decode_only:
             longest = max(c.start + 1 for c in chunks)  # context of the longest row, this token included
             if self.graphs is not None and self.graphs.fits(len(chunks), longest):
-                return self._decode_with_graph(chunks)
-            return self._decode(chunks)
-        ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.end], dtype=np.int64) for c in chunks])
-        slots, rows = self._image_rows(chunks, features)
-        h = self.model.embed(torch.from_numpy(ids).to(self.device), rows, slots)
+                return self.graphs.run(step.token_ids, chunks)
+            return self._decode(step)
+        rows = torch.cat([features[key][a:b] for key, a, b in step.image_rows]) if step.image_rows else None
+        slots = torch.from_numpy(step.slots).to(self.device)
+        h = self.model.embed(torch.from_numpy(step.token_ids).to(self.device), rows, slots)
         ctx = PagedAttention(self.cache, chunks, self.device, kernel=self.varlen_kernel)
         hidden = self.model.hidden_states(h, ctx)
-        ends = np.cumsum([c.length for c in chunks]) - 1
-        rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
-        return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        return self.model.logits(hidden[torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)])
 
-    def _image_rows(self, chunks: list[Chunk], features: dict[bytes, torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The flat batch's image slots and, in order, the feature rows that fill them.
+    @staticmethod
+    def _image_rows(chunks: list[Chunk]) -> tuple[np.ndarray, list[tuple[bytes, int, int]]]:
+        """The flat batch's image slots and, in order, the feature rows that fill them: (image key,
+        first row, end row) of that image's features.
 
         Only prompt slots take features (a generated [IMG] token keeps its plain embedding), and a
         chunk that cuts an image takes that image's rows for its part of the slots.
@@ -83,17 +127,12 @@ class ModelRunner:
             masks.append(req.image_slot_mask(c.start, end))
             r0, r1 = req.image_rows(c.start, end)
             for k in req.images_for_rows(r0, r1):
-                first = int(req.image_row_starts[k])
-                feats = features[req.image_hashes[k]]
-                rows.append(feats[max(r0, first) - first: min(r1, first + feats.shape[0]) - first])
-        slots = torch.from_numpy(np.concatenate(masks)).to(self.device)
-        return slots, (torch.cat(rows) if rows else None)
+                first, last = int(req.image_row_starts[k]), int(req.image_row_starts[k + 1])
+                rows.append((req.image_hashes[k], max(r0, first) - first, min(r1, last) - first))
+        return np.concatenate(masks), rows
 
-    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
+    def _decode(self, step: StepInput) -> torch.Tensor:
         """A step of decodes only (no prompt token, so no image slot, and every chunk samples)."""
-        ids = torch.tensor([c.request.token_ids[c.start] for c in chunks], dtype=torch.long, device=self.device)
-        ctx = PagedAttention(self.cache, chunks, self.device, kernel=self.varlen_kernel)
+        ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
+        ctx = PagedAttention(self.cache, step.chunks, self.device, kernel=self.varlen_kernel)
         return self.model.logits(self.model.hidden_states(self.model.tok_embeddings(ids), ctx))
-
-    def _decode_with_graph(self, chunks: list[Chunk]) -> torch.Tensor:
-        return self.graphs.run([c.request.token_ids[c.start] for c in chunks], chunks)

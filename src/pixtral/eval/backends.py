@@ -178,11 +178,14 @@ class LocalBackend:
     A failing batch is retried one conversation at a time so one bad item cannot fail its neighbours.
     """
 
-    def __init__(self, model_path: str | None, *, max_batch: int = 8, gather_s: float = 0.05):
+    def __init__(self, model_path: str | None, *, max_batch: int = 8, gather_s: float = 0.05,
+                 tensor_parallel_size: int = 1):
         llm_cls, self._sampling_cls = _import_engine()
         self.model_path = model_path
+        self.tensor_parallel_size = tensor_parallel_size
+        options = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size != 1 else {}
         try:
-            self.llm = llm_cls(model_path) if model_path else llm_cls()
+            self.llm = llm_cls(model_path, **options)
         except PixtralError:
             raise
         except Exception as exc:
@@ -195,7 +198,10 @@ class LocalBackend:
         self._thread.start()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "model": self.model_path or "default", "max_batch": self.max_batch}
+        described = {"kind": "local", "model": self.model_path or "default", "max_batch": self.max_batch}
+        if self.tensor_parallel_size != 1:
+            described["tensor_parallel_size"] = self.tensor_parallel_size
+        return described
 
     def check(self) -> list[str]:
         return []
@@ -210,6 +216,9 @@ class LocalBackend:
         # Let the engine thread finish before the interpreter exits: a thread still inside
         # torch at shutdown aborts the process.
         self._thread.join(timeout=60)
+        close = getattr(self.llm, "close", None)
+        if close is not None:  # tensor-parallel workers stop here
+            close()
 
     def _loop(self) -> None:
         while True:
