@@ -17,6 +17,7 @@
 #    server and `transformers serve --continuous-batching`, one after the other, on 16 chats x 2 turns
 #    arriving at 4/s and all at once (image chats on ours, the same chats without images on both), then
 #    the mixed steps (16 streams decoding while a 1024x1024 image, or as long a text, arrives).
+# 6. bench_tp.py, on a machine with several GPUs only: the 12B shape on 1 GPU against 2, 4, 8.
 # Each step has its own time limit and log; a failed step does not stop the next one.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -54,4 +55,11 @@ step recipe 150 $python "$here/benchmarks/bench_recipe_time.py" --device cuda --
 # Servers started and stopped by the script itself (also when the limit's SIGTERM ends it); work files in $TMPDIR.
 step serving 330 $python "$here/benchmarks/bench_serving.py" --random pixtral-12b-2409 --device cuda \
     --requests 16 --rates 4,inf --mixed-steps --startup-timeout 150 --timeout 120 --json "$out/serving.json"
+# Tensor parallelism (issue 27): TP=1 against TP=2..N on the GPUs present (a one-GPU machine skips it).
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "${gpus:-0}" -gt 1 ]; then
+    sizes=1; for n in 2 4 8; do [ "$n" -le "$gpus" ] && sizes="$sizes,$n"; done
+    step tp 400 $python "$here/benchmarks/bench_tp.py" --device cuda --preset pixtral-12b-2409 --sizes "$sizes" \
+        --json "$out/tp.json"
+fi
 cat "$out/steps.txt"
