@@ -23,8 +23,8 @@ from pixtral.checkpoint import load_model, save_model
 from pixtral.engine import LLM
 from pixtral.engine import EngineConfig
 from pixtral.engine.chunk import Chunk
-from pixtral.engine.executor import (BlockTableReceiver, BlockTableSender, TensorParallelError,
-                                     TensorParallelExecutor, step_outcome)
+from pixtral.engine.executor import TensorParallelError, TensorParallelExecutor
+from pixtral.engine.tp_protocol import BlockTableReceiver, BlockTableSender, step_outcome
 from pixtral.errors import ConfigError
 from pixtral.generation import SamplingParams
 from pixtral.model import Pixtral

@@ -31,8 +31,8 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from pixtral.engine.executor import (OK, RESUME_GRACE_S, BlockTableReceiver, Setup, image_from_wire,
-                                     is_communication_error, receive, send)
+from pixtral.engine.tp_protocol import (OK, RESUME_GRACE_S, BlockTableReceiver, Setup, image_from_wire,
+                                        is_communication_error, receive, send)
 
 log = logging.getLogger("pixtral.engine")
 
