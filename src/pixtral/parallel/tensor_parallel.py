@@ -5,7 +5,8 @@ walks it once and
 
 - swaps each split linear for one of the rank's size: a plain `nn.Linear` for a column-parallel
   one (its output is the rank's heads or FFN features, nothing to communicate), a
-  `RowParallelLinear` (all-reduce of the output) for `wo`, `w2` and the adapter's `w_out`;
+  `RowParallel` around one (all-reduce of the output, bias after) for `wo`, `w2` and the
+  adapter's `w_out` (`RowParallel` wraps any linear module, quantized ones too: see `pixtral.quant`);
 - swaps `tok_embeddings` for a `VocabParallelEmbedding` (look up the rank's vocabulary rows,
   zeros elsewhere, all-reduce) and `output` for a `VocabParallelHead` (the rank's vocabulary
   columns of the logits, all-gathered, so every rank returns the full logits);
@@ -58,18 +59,78 @@ class TensorParallelInfo:
     read_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-class RowParallelLinear(nn.Linear):
-    """Input features split over the ranks: the partial products are summed by one all-reduce.
+class RowParallel(nn.Module):
+    """Input features split over the ranks: any linear module's partial products, summed by one all-reduce.
 
-    A bias (replicated) is added once, after the sum.
+    `RowParallel(inner)` runs `inner` without its bias (`linear_without_bias`), all-reduces the
+    output over `group`, then adds the bias (replicated) once. `inner` is a plain `nn.Linear` or a
+    quantized linear (`pixtral.quant`): the all-reduce is the same whatever computes the partial
+    product, so sharding and quantization compose.
+
+    Parameter names stay those of a linear (`wo.weight`, `wo.bias`, and a quantized inner's
+    `wo.weight_scale`), not `wo.inner.weight`: the wrapper shares `inner`'s parameter and buffer
+    dicts instead of registering `inner` as a child, so the loader, `state_dict` and
+    `named_parameters` see the linear's names, and a parameter set on either module (the loader
+    writes `module._parameters[name]`) is the other's too. `set_inner` swaps the computation (e.g.
+    for a quantized one) and re-shares. Device and dtype moves go through `inner` (a quantized
+    linear keeps its weight dtype).
     """
 
     group = None
 
+    def __init__(self, inner: nn.Module, group=None):
+        super().__init__()
+        self.group = group
+        self.set_inner(inner)
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.__dict__["_inner"]
+
+    def set_inner(self, inner: nn.Module) -> None:
+        self.__dict__["_inner"] = inner  # not a child: its tensors are ours (the shared dicts)
+        self._parameters = inner._parameters
+        self._buffers = inner._buffers
+        self.training = inner.training
+
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inner.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear_without_bias(self.inner, x)
         dist.all_reduce(out, group=self.group)
-        return out if self.bias is None else out + self.bias
+        bias = self._parameters.get("bias")
+        return out if bias is None else out + bias
+
+    def _apply(self, fn, recurse=True):
+        self.inner._apply(fn, recurse)  # the dicts are shared: our tensors are moved with its
+        return self
+
+    def train(self, mode: bool = True):
+        self.inner.train(mode)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"{self.inner!r}"
+
+
+RowParallelLinear = RowParallel  # the name the loader's tests and earlier code use
+
+
+def linear_without_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` less its bias: a plain `nn.Linear`'s `F.linear(x, weight)`, or the module's own
+    `linear_without_bias` (the quantized linears of `pixtral.quant` have one)."""
+    own = getattr(type(module), "linear_without_bias", None)
+    if own is not None:
+        return own(module, x)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight)
+    raise TypeError(f"{type(module).__name__} has no linear_without_bias: cannot run it row-parallel")
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -174,11 +235,8 @@ def shard_model(model: Pixtral, rank: int, size: int, group=None, spread_images:
             continue
         if isinstance(module, nn.Linear) and splits.get(name + ".weight") is not None:
             split = splits[name + ".weight"]
-            cls = RowParallelLinear if split.dim == 1 else nn.Linear
-            new = _resized(cls, module, name, splits)
-            if cls is RowParallelLinear:
-                new.group = group
-            _replace(model, name, new)
+            new = _resized(nn.Linear, module, name, splits)
+            _replace(model, name, RowParallel(new, group) if split.dim == 1 else new)
         elif isinstance(module, Attention):
             module.n_heads, module.n_kv_heads = plan.n_heads, plan.n_kv_heads
         elif isinstance(module, VisionAttention) and plan.vision_sharded:
