@@ -9,11 +9,6 @@ is compared with the plain model loaded by `pixtral.checkpoint.load_model` (tens
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +19,8 @@ from pixtral.generation.generate import generate_ids
 from pixtral.generation.params import SamplingParams
 
 from .conftest import CHECKPOINTS, prompts, tp_args
+from .ranks import run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("tp_worker.py")
 SIZE = 2
 GENERATE = 3
@@ -40,32 +35,7 @@ def tp_run(tp_checkpoints, tmp_path_factory) -> dict:
     job = tmp / "job.pt"
     torch.save({"checkpoints": {n: str(p) for n, p in tp_checkpoints.items()}, "prompts": inputs,
                 "generate": GENERATE}, job)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs, logs = [], []
-    for rank in range(SIZE):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "RANK": str(rank),
-               "WORLD_SIZE": str(SIZE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        log = tmp / f"rank{rank}.log"
-        logs.append(log)
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), str(tmp)], env=env,
-                                          stdout=f, stderr=subprocess.STDOUT))
-    start = time.time()
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.time() - start > TIMEOUT_S:
-                pytest.fail(f"ranks still running after {TIMEOUT_S} s:\n" + "\n".join(l.read_text()[-2000:] for l in logs))
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank].read_text()[-4000:]}"
-    return {"inputs": inputs, "ranks": [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(SIZE)]}
+    return {"inputs": inputs, "ranks": run_ranks(WORKER, job, tmp, SIZE, TIMEOUT_S)}
 
 
 @pytest.fixture(scope="module")

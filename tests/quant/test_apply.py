@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +18,8 @@ from torch import nn
 from pixtral.model.pixtral import Pixtral
 from pixtral.model.presets import preset
 from pixtral.quant import DECODER_LINEARS, Fp8Linear, Int8WeightLinear, quantize_linears
+from tests.parallel.ranks import run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("tp_quant_worker.py")
 TOLERANCE = {"int8": 0.03, "fp8": 0.15}  # max |diff| / std(reference logits)
 CLASSES = {"int8": Int8WeightLinear, "fp8": Fp8Linear}
@@ -87,32 +82,7 @@ def test_quantized_tp2_on_gloo_matches_quantized_tp1(tiny, tmp_path):
     schemes = ["int8", "fp8"]
     job = tmp_path / "job.pt"
     torch.save({"args": model.args, "state": model.state_dict(), "ids": ids, "schemes": schemes}, job)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs, logs = [], []
-    for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        log = tmp_path / f"rank{rank}.log"
-        logs.append(log)
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), str(tmp_path)], env=env,
-                                          stdout=f, stderr=subprocess.STDOUT))
-    start = time.time()
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.time() - start > TIMEOUT_S:
-                pytest.fail(f"ranks still running after {TIMEOUT_S} s:\n" + "\n".join(l.read_text()[-2000:] for l in logs))
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank].read_text()[-4000:]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_ranks(WORKER, job, tmp_path, 2, TIMEOUT_S)
     float_names = sorted(n for n, _ in model.named_parameters() if n.startswith("layers.0."))
     for scheme in schemes:
         whole = copy.deepcopy(model)

@@ -36,6 +36,20 @@ class LiveServer:
         self.thread.join(10)
 
 
+def wait_healthy(url: str, proc, timeout: float = 120.0) -> bool:
+    """Poll `url`/health until it answers 200 (True); False once `proc` (a server process) has exited
+    or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def metrics(url: str) -> dict[str, float]:
     """Every sample of /metrics: 'name' or 'name{label="value",...}' (labels sorted) -> value."""
     values = {}

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from live_server import wait_healthy
 from PIL import Image
 
 from pixtral.server.connections import LoopErrorLog
@@ -44,17 +45,8 @@ def serve(model_dir, *options: str):
                              "--port", str(port), "--served-model-name", "tiny", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        assert wait_healthy(url, proc), proc.stdout.read() if proc.poll() is not None else "the server did not start"
         yield url, proc
     finally:
         proc.terminate()

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, wait_healthy
 from tiny_model import image_uri, user
 
 from pixtral.generation import SamplingParams, chat
@@ -88,17 +88,9 @@ class Server:
                 [sys.executable, "-m", "pixtral.cli.main", "serve", "--model", str(checkpoint), "--port",
                  str(self.port), "--served-model-name", MODEL_NAME, "--tensor-parallel-size", "2", *extra],
                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the server did not start:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
+        if not wait_healthy(self.url, self.proc):
+            self.stop()
+            pytest.fail(f"the server did not start:\n{self.output()[-4000:]}")
         self.descendants = children(self.proc.pid)
         self.workers = {p for p in self.descendants if "spawn_main" in cmdline(p)}
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -65,12 +65,21 @@ def engine_num_blocks(model, config: EngineConfig) -> int:
     running that step: under tensor parallelism a collective, so every rank calls this together)."""
     reserved = 0
     if model.device.type == "cuda" and config.num_blocks is None and config.kv_cache_bytes is None:
-        reserved = profile_activation_bytes(model, config) + config.encoder_cache_tokens * model.args.dim * 2
+        reserved = reserve_bytes(profile_activation_bytes(model, config), model.args, config)
     return num_blocks_for(model, config, reserved)
 
 
+def reserve_bytes(peak_activation_bytes: int, args: ModelArgs, config: EngineConfig) -> int:
+    """What a GPU engine keeps free beside the weights and the KV cache: the largest step's activation
+    peak with a 20% margin, the decode graphs' logits, 2 GiB for the vision encoder on a large image,
+    and the encoder cache (bf16 features of `encoder_cache_tokens` image tokens)."""
+    logits = config.max_graph_batch * args.vocab_size * 4 * 2
+    encoder_cache = config.encoder_cache_tokens * args.dim * 2
+    return int(peak_activation_bytes * 1.2) + logits + 2 * 2**30 + encoder_cache
+
+
 def profile_activation_bytes(model, config: EngineConfig) -> int:
-    """GPU: peak memory of the largest step (a full prefill chunk) beyond what is allocated now."""
+    """GPU: peak memory of the largest step (a full prefill chunk) beyond what is allocated now (measured)."""
     device = model.device
     if device.type != "cuda":
         return 0
@@ -88,6 +97,4 @@ def profile_activation_bytes(model, config: EngineConfig) -> int:
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     torch.cuda.empty_cache()
-    # Room for the decode graphs' logits and the vision encoder on a large image.
-    logits = config.max_graph_batch * model.args.vocab_size * 4 * 2
-    return int(peak * 1.2) + logits + 2 * 2**30
+    return peak

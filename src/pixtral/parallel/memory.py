@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pixtral.engine.config import EngineConfig
-from pixtral.engine.kv_cache import bytes_per_block
+from pixtral.engine.kv_cache import bytes_per_block, reserve_bytes
 from pixtral.model.args import ModelArgs
 from pixtral.model.pixtral import Pixtral
 from pixtral.parallel.plan import TensorParallelPlan
@@ -64,14 +64,13 @@ def rank_weight_bytes(args: ModelArgs, tp: int, dtype: torch.dtype = torch.bfloa
 
 
 def activation_bytes(args: ModelArgs, tp: int, config: EngineConfig, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The engine's reserve beside the weights and the KV cache, per rank (as `profile_activation_bytes`
-    sizes it on a GPU, with the peak estimated instead of measured).
+    """The engine's reserve beside the weights and the KV cache, per rank (`engine.kv_cache.reserve_bytes`),
+    with the activation peak estimated instead of measured (`profile_activation_bytes` on a GPU).
 
     The peak is a full prefill chunk of `max_num_batched_tokens` tokens through one layer: its
     input and residual, q/k/v of the rank's heads, the attention output, and the FFN's gate, up
     and their product, all live at once, plus the logits of `max_num_seqs` rows (float32, all
-    gathered). Then the engine's margins: 1.2 x the peak, the decode graphs' logits buffer, 2 GiB,
-    and the encoder cache.
+    gathered).
     """
     plan = TensorParallelPlan(args, tp)
     item = torch.empty((), dtype=dtype).element_size()
@@ -79,9 +78,7 @@ def activation_bytes(args: ModelArgs, tp: int, config: EngineConfig, dtype: torc
     qkv = (plan.n_heads + 2 * plan.n_kv_heads) * args.head_dim
     layer = t * (2 * args.dim + qkv + plan.n_heads * args.head_dim + 3 * plan.hidden_dim) * item
     logits = config.max_num_seqs * args.vocab_size * 4
-    graphs = config.max_graph_batch * args.vocab_size * 4 * 2
-    encoder_cache = config.encoder_cache_tokens * args.dim * 2
-    return int((layer + logits) * 1.2) + graphs + 2 * GiB + encoder_cache
+    return reserve_bytes(layer + logits, args, config)
 
 
 def memory_plan(args: ModelArgs, tp: int, gpu_bytes: int, config: EngineConfig | None = None,
