@@ -121,6 +121,9 @@ class StubRunner:
         if step.name in ("bad input", "worker only"):
             raise RuntimeError(step.name)
 
+    def capture_graphs(self):
+        raise RuntimeError("captured")  # seen by the driver as this rank's answer
+
 
 def stub_worker(conn) -> None:  # a spawned process: rank 1 serving commands with `StubRunner`
     from pixtral.engine.tp_worker import Stop, Worker
@@ -158,6 +161,9 @@ def test_a_step_every_rank_fails_alike_fails_alone_and_anything_else_ends_the_en
         with pytest.raises(RuntimeError, match="bad input"):
             executor.run(forward("bad input"), lambda: fails("bad input"))
         assert executor.run(forward("fine"), lambda: 2) == 2  # the worker resumed
+        with pytest.raises(RuntimeError, match="captured"):  # "capture" reaches the worker's runner
+            executor.run(("capture", []), lambda: fails("captured"))
+        assert executor.run(forward("fine"), lambda: 5) == 5
         with pytest.raises(TensorParallelError, match=r"out of step: rank 0 ok; rank 1 failed \(RuntimeError: "
                                                        r"worker only\)"):
             executor.run(forward("worker only"), lambda: 3)
@@ -185,6 +191,19 @@ def test_a_worker_that_dies_ends_the_engine_with_its_rank_and_exit_code(tiny_dir
     finally:
         llm.close()
     assert gone(proc.pid)
+
+
+def test_ranks_that_would_run_decode_steps_differently_are_refused(tiny_dir, monkeypatch):
+    """A rank whose CUDA-graph plan differs from the driver's would replay a padded batch while
+    another runs the real one, and their collectives would not match: refused at start, naming it."""
+    from pixtral.engine.model_runner import ModelRunner
+
+    plan = ((1, 2, 4), 8, True, 4096)
+    monkeypatch.setattr(ModelRunner, "graph_plan", lambda self: plan)  # the driver only: the worker has none
+    with pytest.raises(TensorParallelError, match=r"rank 1 would run decode steps differently from rank 0 "
+                                                  r"\(its CUDA-graph plan None, rank 0's \(\(1, 2, 4\), 8, True, 4096\)"):
+        LLM(tiny_dir, tensor_parallel_size=2, **OPTIONS)
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("pixtral-tp")]
 
 
 def test_a_size_the_model_cannot_take_is_refused_before_any_process_starts(tiny_dir):

@@ -33,7 +33,7 @@ class EngineConfig:
     fuse_projections: bool = True  # GPU: one matmul for q/k/v and one for the FFN's gate/up (`Pixtral.fuse_projections`)
     triton_kernels: bool = True  # GPU, with Triton installed: paged decode attention and fused norm/RoPE/SiLU kernels
     # Ranks the model is split over, one process each (the engine's own is rank 0; see engine/executor.py).
-    # 1: the whole model in this process, no other process. Above 1, CUDA graphs are off (not verified yet).
+    # 1: the whole model in this process, no other process.
     tensor_parallel_size: int = 1
 
     def resolved(self, device: torch.device) -> "EngineConfig":
@@ -45,7 +45,7 @@ class EngineConfig:
             max_num_batched_tokens=self.max_num_batched_tokens or (8192 if gpu else 2048),
             prefill_tokens_while_decoding=(self.prefill_tokens_while_decoding
                                            if self.prefill_tokens_while_decoding is not None else (0 if gpu else 256)),
-            cuda_graphs=self.cuda_graphs and gpu and self.tensor_parallel_size == 1,
+            cuda_graphs=self.cuda_graphs and gpu,
         )
         tp = cfg.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:

@@ -100,7 +100,7 @@ class Engine:
         else:
             self.runner = executor.make_runner(model, self.cache, cfg, runner_len)
             self.runner.encoder_cache = self.encoder_cache  # its evictions go to the workers
-            executor.wait_ready()
+            executor.wait_ready(self.runner.graph_plan())
             weakref.finalize(self, executor.close)  # an engine dropped without close() still stops its workers
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -353,13 +353,13 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """GPU: capture the common decode graphs now, so that first requests do not wait for it."""
-        if self.runner.graphs is not None:
-            self.runner.graphs.capture_all()
+        """GPU: capture the common decode graphs now (on every rank), so that first requests do not wait for it."""
+        self.runner.capture_graphs()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent; nothing to do with one process)."""
         if self.executor is not None:
+            self.runner.release_graphs()
             self.executor.close()
 
     def reset_prefix_cache(self) -> None:

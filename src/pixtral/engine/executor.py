@@ -18,6 +18,11 @@ a TCP connection under torchrun; of each block table only the blocks added since
 only: the logits are gathered whole on every rank. A retried chunk (the engine's fault
 isolation) is just another step.
 
+**CUDA graphs.** Decode steps replay graphs on every rank (collectives captured inside): each
+rank decides from the same step input whether to replay and at which padded shape, so the driver
+checks at start-up that every rank's `ModelRunner.graph_plan` equals its own, and captures the
+graphs with a "capture" command that every rank runs at once.
+
 **Encoder cache.** Encoding images is collective too (the vision encoder is sharded, or each
 rank encodes a share of the images and broadcasts them), so images to encode go to every rank
 as an "encode" command with their keys (content hashes), and every worker keeps the features
@@ -146,8 +151,6 @@ class TensorParallelExecutor:
             if device.type == "cuda":
                 device = torch.device("cuda", env.local_rank)
         check_size(path, size, device)
-        if device.type == "cuda" and config.cuda_graphs:
-            log.info("tensor parallelism: CUDA graphs are off (decode steps run eagerly)")
         config = config.resolved(device)
         executor = cls(size, device, config, timeout_s or DEFAULT_TIMEOUT_S)
         try:
@@ -241,8 +244,14 @@ class TensorParallelExecutor:
         self._send_all(("cache", blocks))
         return blocks
 
-    def wait_ready(self) -> None:
-        self._expect("ready")
+    def wait_ready(self, graph_plan: tuple | None) -> None:
+        """Every rank built its runner, with the driver's decode-graph plan (`ModelRunner.graph_plan`)."""
+        for rank, (_, plan) in sorted(self._expect("ready").items()):
+            if plan != graph_plan:
+                raise self._fail(TensorParallelError(
+                    f"tensor-parallel rank {rank} would run decode steps differently from rank 0 (its CUDA-graph "
+                    f"plan {plan}, rank 0's {graph_plan}: batch buckets, block-table widths, Triton kernel, "
+                    "gather limit); the ranks' GPUs or software differ"))
         log.info("tensor parallelism: %d ranks ready", self.size)
 
     def make_runner(self, model, cache, config: EngineConfig, max_model_len: int) -> "TensorParallelRunner":
@@ -465,7 +474,8 @@ class TensorParallelExecutor:
             from pixtral.parallel.process_group import destroy_group
 
             try:
-                destroy_group()
+                if not destroy_group():
+                    log.warning("leaving the tensor-parallel process group did not finish within 10 s; left as it is")
             except Exception:  # noqa: BLE001
                 log.warning("leaving the tensor-parallel process group failed", exc_info=True)
         self._closed = True
@@ -495,6 +505,12 @@ class TensorParallelRunner(ModelRunner):
             drops = self._drops(keep=keys)
         command = ("encode", keys, [image_to_wire(img) for img in images], drops)
         return self.executor.run(command, lambda: ModelRunner.encode_images(self, images))
+
+    def capture_graphs(self) -> None:
+        """Every rank captures the same decode graphs at once (a graph's collectives are captured
+        together with the other ranks', and replayed together: every rank runs each step)."""
+        if self.graphs is not None:
+            self.executor.run(("capture", self._drops()), lambda: ModelRunner.capture_graphs(self))
 
     def forward(self, chunks, features):
         step = self.prepare(chunks)

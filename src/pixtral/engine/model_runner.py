@@ -70,6 +70,30 @@ class ModelRunner:
             self.graphs = CudaGraphDecoder(model, cache, min(config.max_graph_batch, config.max_num_seqs),
                                            max_model_len, use_triton=config.triton_kernels)
 
+    # ------------------------------------------------------------------ decode graphs
+    def graph_plan(self) -> tuple | None:
+        """What decides which decode steps replay a graph and at which padded shape (None: no graphs).
+
+        Under tensor parallelism every rank must decide alike: a replayed step runs the collectives
+        of its padded batch, an eager one those of the real batch, and ranks that differ would wait
+        on each other's collectives. The driver compares every rank's plan before the first step.
+        """
+        g = self.graphs
+        return None if g is None else (tuple(g.batch_sizes), g.max_blocks, g.use_triton, g.max_gather_tokens)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs now (engine start), so that no request waits for a capture."""
+        if self.graphs is not None:
+            self.graphs.capture_all()
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and their memory pool (before a process group that they captured
+        collectives of is destroyed: NCCL cannot tear a communicator down under live graphs)."""
+        if self.graphs is not None:
+            self.graphs = None
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[torch.Tensor], keys: list[bytes] | None = None) -> list[torch.Tensor]:
         """Images of any number of requests, in one packed vision pass -> features per image.

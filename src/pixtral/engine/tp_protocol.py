@@ -1,7 +1,7 @@
 """What the tensor-parallel driver and its workers say to each other, and whether they are in step.
 
 Messages are pickled tuples over a `multiprocessing` connection (a pipe, or TCP under torchrun):
-commands from the driver ("encode", "forward", "resume", "stop") and each rank's answer ("ok", or
+commands from the driver ("encode", "forward", "capture", "resume", "stop") and each rank's answer ("ok", or
 "failed" with its error). Images travel as numpy arrays; block tables as what each table gained
 since the step before (`BlockTableSender` / `BlockTableReceiver`). `step_outcome` decides, from
 every rank's answer, whether the ranks are still in step (see `engine/executor.py`).

@@ -9,7 +9,8 @@ Started by the driver (`spawned_worker`, through multiprocessing's spawn) or by 
    collective the driver runs at the same time), and builds the cache with the number of blocks
    the driver chose for every rank;
 3. runs commands until told to stop: "encode" (images, kept under their keys: its mirror of the
-   driver's encoder cache), "forward" (a `StepInput`), each followed by dropping the keys the
+   driver's encoder cache), "forward" (a `StepInput`), "capture" (the decode CUDA graphs, on
+   every rank at once: their collectives are captured together), each followed by dropping the keys the
    driver's cache evicted; it answers "ok" or "failed" with its error.
 
 A worker that failed a command waits for "resume" (every rank failed alike, so all are still in
@@ -81,7 +82,7 @@ class Worker:
         max_model_len = min(model.args.max_seq_len, cfg.max_model_len or model.args.max_seq_len)
         kv_capacity = (num_blocks - 1) * cfg.block_size  # as the driver's engine counts it (one block is reserved)
         self.runner = ModelRunner(model, cache, cfg, min(max_model_len, kv_capacity))
-        send(self.conn, ("ready",))
+        send(self.conn, ("ready", self.runner.graph_plan()))
 
     @torch.inference_mode()
     def serve(self) -> None:
@@ -103,6 +104,8 @@ class Worker:
                     _, step, tables, _ = message
                     step.chunks = self.tables.decode(tables)
                     self.runner.execute(step, self.features)
+                elif kind == "capture":
+                    self.runner.capture_graphs()
                 else:
                     raise RuntimeError(f"unknown command {kind!r} from the driver")
             except Exception as exc:  # noqa: BLE001 - reported; the driver decides whether the ranks are in step
@@ -134,6 +137,8 @@ def _run(worker: Worker) -> int:
         worker.serve()
     except Stop as stop:
         log.info("tensor-parallel rank %d: %s", worker.rank, stop)
+        if stop.orderly and worker.runner is not None:
+            worker.runner.release_graphs()  # before the group is left (see ModelRunner.release_graphs)
         return 0 if stop.orderly else 2
     except BaseException as exc:  # noqa: BLE001 - told to the driver, which ends the engine
         log.error("tensor-parallel rank %d failed:\n%s", worker.rank, traceback.format_exc())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,30 @@ def init_group(rank: int, world_size: int, device: torch.device, *, store: dist.
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
-def destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group(timeout_s: float = 10.0) -> bool:
+    """Leave the default group; -> False when that did not finish within `timeout_s`.
+
+    Bounded because NCCL's teardown can wait on a peer (or, after CUDA graphs captured collectives,
+    on the graphs: pytorch/pytorch#115388), and shutdown must never hang: past the limit the group
+    is abandoned as it is (the process is about to exit, or will not start another group).
+    """
+    if not dist.is_initialized():
+        return True
+    done, errors = threading.Event(), []
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, name="pixtral-tp-destroy", daemon=True).start()
+    finished = done.wait(timeout_s)
+    if errors:
+        raise errors[0]
+    return finished
 
 
 def broadcast_from_driver(value=None):
