@@ -24,8 +24,11 @@ from pixtral.model.args import ModelArgs
 
 
 def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
-                 std: float = 0.02) -> Pixtral:
-    """Random weights (normal, std 0.02; norms 1), built on the meta device then filled in place."""
+                 std: float = 0.02, draw_in_float32: bool = False) -> Pixtral:
+    """Random weights (normal, std 0.02; norms 1), built on the meta device then filled in place.
+
+    draw_in_float32: each weight drawn in float32, then rounded to `dtype`, so that models of any
+    dtype hold the same weights (rounded) for a seed; by default each is drawn in `dtype` itself."""
     with torch.device("meta"):
         model = Pixtral(args)
     model = model.to(dtype).to_empty(device=device)
@@ -34,6 +37,8 @@ def random_model(args: ModelArgs, device: str | torch.device, dtype: torch.dtype
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif draw_in_float32:  # one float32 tensor at a time: never a float32 copy of the model
+                p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen))
             else:
                 p.normal_(0.0, std, generator=gen)
     return model.eval().requires_grad_(False)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 5, 3 and 26 in one go, on one H100 or H200 (steps 1-4 about 7 minutes
-# on an H200, step 5 at most 5.5 more; ~60 GB of GPU memory, ~100 GB for the float32 parity step, which
-# is skipped on smaller cards; ~30 GB of free disk for step 5):
+# Every GPU measurement of issues 5, 3, 26 and 28 in one go, on one H100 or H200 (steps 1-4 about 7 minutes
+# on an H200, step 5 at most 5.5 more, step 7 at most 5; ~60 GB of GPU memory, ~100 GB for the float32
+# parity step, which is skipped on smaller cards; ~30 GB of free disk for step 5):
 #
 #   bash benchmarks/run_gpu_checks.sh OUTDIR
 #
@@ -18,6 +18,10 @@
 #    arriving at 4/s and all at once (image chats on ours, the same chats without images on both), then
 #    the mixed steps (16 streams decoding while a 1024x1024 image, or as long a text, arrives).
 # 6. bench_tp.py, on a machine with several GPUs only: the 12B shape on 1 GPU against 2, 4, 8.
+# 7. bench_quant.py --device cuda: the Pixtral-12B shape (random weights) in bf16 against fp8 weights
+#    (ours, torch._scaled_mm) against transformers (bf16), one process each: batch-1 decode (issue 28's
+#    target: >= 250 tokens/s with fp8 on an H200), 64 chats decoding together, peak GPU memory, and the
+#    logit drift and greedy agreement of fp8 (and of transformers) against our bf16.
 # Each step has its own time limit and log; a failed step does not stop the next one.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -62,4 +66,6 @@ if [ "${gpus:-0}" -gt 1 ]; then
     step tp 400 $python "$here/benchmarks/bench_tp.py" --device cuda --preset pixtral-12b-2409 --sizes "$sizes" \
         --json "$out/tp.json"
 fi
+# Quantized weights (issue 28): each peer's JSON line is logged as it finishes, so a cut-short run keeps them.
+step quant 300 $python "$here/benchmarks/bench_quant.py" --device cuda --json "$out/quant.json"
 cat "$out/steps.txt"

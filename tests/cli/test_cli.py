@@ -70,3 +70,22 @@ def test_a_missing_optional_dependency_names_its_extra(command, hidden, extra):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert f"pip install 'pixtral[{extra}]'" in out.stderr and hidden in out.stderr
+
+
+def test_chat_quantized_on_load_answers_as_the_quantized_engine():
+    """`pixtral chat --quantization int8` on the default model: the answer of `LLM(quantization="int8")`."""
+    from pathlib import Path
+
+    from pixtral.engine import LLM
+    from pixtral.generation import SamplingParams
+
+    chart = Path(__file__).resolve().parents[2] / "examples" / "chart.png"
+    question = "What is the value of bar G?"  # the README's
+    llm = LLM(quantization="int8")
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(chart)}, {"type": "text", "text": question}]}]
+    expected = llm.chat([messages], SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text
+    out = run("chat", "--quantization", "int8", "--image", str(chart), "--max-tokens", "32", question)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected.strip() and expected.strip()
+    refused = run("chat", "--quantization", "int4", "hi")
+    assert refused.returncode == 2 and "--quantization/-q: invalid choice: 'int4'" in refused.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny_model import EagerGraph, assert_chats_match_reference, image_uri, user
@@ -267,3 +269,24 @@ def test_image_features_of_a_packed_pass_are_separate_copies(model, processor):
     first, second = llm.engine.runner.encode_images(images)
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
     assert first.untyped_storage().nbytes() == first.numel() * first.element_size()
+
+
+def test_the_cpu_kv_budget_follows_the_memory_left(model, monkeypatch):
+    """Without an explicit budget, the CPU cache may grow to a fifth of the memory (at most 4 GiB)
+    and to half of what is still available once the model is loaded (a large model leaves less)."""
+    import pixtral.engine.config as config
+    from pixtral.engine.kv_cache import bytes_per_block, num_blocks_for
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ceiling = min(4 * 2**30, total // 5)
+    per_block = bytes_per_block(model.args, 16, model.dtype)
+    monkeypatch.setattr(config, "available_memory_bytes", lambda: 2**40)
+    assert config.default_cpu_kv_bytes() == ceiling
+    monkeypatch.setattr(config, "available_memory_bytes", lambda: 64 * 2**20)
+    assert config.default_cpu_kv_bytes() == 32 * 2**20
+    assert num_blocks_for(model, EngineConfig(block_size=16).resolved(model.device)) == 32 * 2**20 // per_block
+    monkeypatch.setattr(config, "available_memory_bytes", lambda: 3 * per_block)
+    with pytest.raises(ValueError, match="holds 1 blocks of 16 tokens"):
+        num_blocks_for(model, EngineConfig(block_size=16).resolved(model.device))
+    monkeypatch.undo()
+    assert 0 < config.available_memory_bytes() <= total  # Linux's MemAvailable, read for real

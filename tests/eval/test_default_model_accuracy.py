@@ -20,6 +20,7 @@ from pixtral.data.synth import SynthConfig, write_dataset
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 DOC = README.parent / "docs" / "default_model.md"  # the longer claims: blank images, wrong answers, descriptions
+QUANT_DOC = README.parent / "docs" / "quantization.md"  # the quantized default model's accuracy
 ROW = re.compile(r"^\|\s*\**(charts|tables|documents|diagrams|misc|overall)\**\s*\|\s*(\d+)\s*\|\s*\**([\d.]+)%\**\s*\|\s*\**([\d.]+)%\**\s*\|")
 
 
@@ -41,9 +42,23 @@ def heldout(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def real_run(heldout, tmp_path_factory) -> Path:
+    """`pixtral eval synth` of the default model on the held-out set (float32): its results' directory."""
+    from pixtral.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("real")
+    assert cli_main.main(["eval", "synth", "--data", str(heldout), "--output-dir", str(out), "--no-progress"]) == 0
+    return out
+
+
 def scores(run_cli, data, out, *extra) -> dict[str, tuple[int, float]]:
     code, _, err = run_cli("synth", "--data", str(data), "--output-dir", str(out), "--no-progress", *extra)
     assert code == 0, err
+    return table(out)
+
+
+def table(out: Path) -> dict[str, tuple[int, float]]:
     result = json.loads((out / "synth.json").read_text())
     metrics = result["metrics"]
     table = {c: (v["count"], round(100 * v["baseline"], 1)) for c, v in metrics["per_category"].items()}
@@ -69,9 +84,9 @@ def fixed_answer_guess(data) -> dict[str, float]:
     return {key: round(100 * hits[key] / totals[key], 1) for key in totals}
 
 
-def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
+def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout, real_run):
     expected = readme_table()
-    real = scores(run_cli, heldout, tmp_path / "real")
+    real = table(real_run)
     blank = scores(run_cli, heldout, tmp_path / "blank", "--blank-images")
     for name, (count, real_pct, blank_pct) in expected.items():
         assert real[name] == (count, real_pct), name
@@ -88,7 +103,7 @@ def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
 
     # Where the wrong answers to the lookups come from (scripts/answer_errors.py), as docs/default_model.md says.
     run = subprocess.run([sys.executable, str(README.parent / "scripts" / "answer_errors.py"), "--data", str(heldout),
-                          "--items", str(tmp_path / "real" / "synth.items.jsonl")], capture_output=True, text=True,
+                          "--items", str(real_run / "synth.items.jsonl")], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
@@ -108,6 +123,21 @@ def test_readme_accuracy_is_reproduced(tmp_path, run_cli, heldout):
     questions, right, _ = rows["documents.after"]
     claim = f'"the number after word X" is wrong only {int(questions) - int(right)} times in {questions}'
     assert claim in text, (claim, run.stdout)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_default_model_keeps_its_accuracy(scheme, run_cli, heldout, real_run, tmp_path):
+    """Quantized on load, the default model's exact-answer accuracy stays within 1 point of float32,
+    and docs/quantization.md gives both, with how many greedy answers are identical."""
+    quantized = scores(run_cli, heldout, tmp_path, "--quantization", scheme)
+    (count, full), (_, ours) = table(real_run)["overall"], quantized["overall"]
+    assert abs(ours - full) <= 1.0, (scheme, ours, full)
+    answers = [{item["id"]: item["answer"] for item in map(json.loads, (d / "synth.items.jsonl").open())}
+               for d in (real_run, tmp_path)]
+    same = sum(answers[1][key] == answer for key, answer in answers[0].items())
+    assert len(answers[0]) == len(answers[1]) == count
+    row = f"| {scheme} | {ours}% | {full}% | {same} of {count} ({100 * same / count:.1f}%) |"
+    assert row in QUANT_DOC.read_text(), row
 
 
 def test_readme_description_test_is_reproduced(heldout):

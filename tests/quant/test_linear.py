@@ -106,6 +106,31 @@ def test_int8_forward_matches_dequantized_reference(per_channel, bias):
     assert torch.equal(q(x.double()), ref)
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_many_rows_convert_the_weight_instead_of_the_kernel(monkeypatch, per_channel, dtype):
+    """Past KERNEL_MAX_ROWS rows (a prompt chunk) the weight is converted for one matrix product,
+    with the kernel's result up to rounding; up to it, the kernel runs."""
+    import pixtral.quant.linear as quant_linear
+
+    q = Int8WeightLinear.from_linear(linear(bias=True), per_channel=per_channel)
+    limit = Int8WeightLinear.KERNEL_MAX_ROWS
+    few, many = torch.randn(limit, 64, dtype=dtype), torch.randn(3, limit, 64, dtype=dtype)
+    kernel_rows = []
+    kernel = quant_linear._INT8_KERNEL
+    monkeypatch.setattr(quant_linear, "_INT8_KERNEL", lambda x, w, s: kernel_rows.append(len(x)) or kernel(x, w, s))
+    expected = q(many.reshape(-1, 64)[:limit]).double()  # the kernel, on the first `limit` rows
+    assert kernel_rows == [limit]
+    out = q(many)
+    assert kernel_rows == [limit] and out.dtype == dtype and out.shape == (3, limit, 48)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.reshape(-1, 48)[:limit].double(), expected, rtol=tol, atol=tol)
+    ref = F.linear(many.double(), q.dequantized_weight(torch.float64), q.bias.double())
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    q(few)
+    assert kernel_rows == [limit, limit]
+
+
 def test_int8_fallback_is_bit_exact(monkeypatch):
     q = Int8WeightLinear.from_linear(linear(bias=True))
     monkeypatch.setattr(Int8WeightLinear, "uses_kernel", lambda self, x: False)

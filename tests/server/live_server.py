@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import openai
+import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,6 +40,35 @@ class LiveServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class ServeProcess:
+    """`pixtral serve --model CHECKPOINT ARGS...` as a real process on a free port, healthy once
+    constructed (else the test fails with its log); `client` is the official openai client for it."""
+
+    def __init__(self, checkpoint: Path, log: Path, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pixtral.cli.main", "serve", "--model", str(checkpoint), "--port",
+                 str(self.port), "--served-model-name", MODEL_NAME, *args],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if not wait_healthy(self.url, self.proc):
+            self.stop()
+            pytest.fail(f"the server did not start:\n{self.output()[-4000:]}")
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def wait_healthy(url: str, proc, timeout: float = 120.0) -> bool:

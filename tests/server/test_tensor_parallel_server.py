@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import dropwhile
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from live_server import MODEL_NAME, wait_healthy
+from live_server import MODEL_NAME, ServeProcess
 from tiny_model import image_uri, user
 
 from pixtral.generation import SamplingParams, chat
@@ -76,37 +74,17 @@ def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
     return left
 
 
-class Server:
-    def __init__(self, checkpoint: Path, log: Path, *extra: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pixtral.cli.main", "serve", "--model", str(checkpoint), "--port",
-                 str(self.port), "--served-model-name", MODEL_NAME, "--tensor-parallel-size", "2", *extra],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if not wait_healthy(self.url, self.proc):
-            self.stop()
-            pytest.fail(f"the server did not start:\n{self.output()[-4000:]}")
-        self.descendants = children(self.proc.pid)
-        self.workers = {p for p in self.descendants if "spawn_main" in cmdline(p)}
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def tp_server(checkpoint, log) -> ServeProcess:
+    """The server at tensor-parallel size 2, with its descendants and its worker process."""
+    live = ServeProcess(checkpoint, log, "--tensor-parallel-size", "2")
+    live.descendants = children(live.proc.pid)
+    live.workers = {p for p in live.descendants if "spawn_main" in cmdline(p)}
+    return live
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    live = Server(tiny_dir, tmp_path_factory.mktemp("tp_server") / "server.log")
+    live = tp_server(tiny_dir, tmp_path_factory.mktemp("tp_server") / "server.log")
     yield live
     live.stop()
 
@@ -154,7 +132,7 @@ def test_sigterm_stops_every_worker_before_the_server_exits(server):
 
 
 def test_a_killed_worker_makes_the_server_answer_503_and_exit_naming_it(tiny_dir, tmp_path):
-    live = Server(tiny_dir, tmp_path / "server.log")
+    live = tp_server(tiny_dir, tmp_path / "server.log")
     try:
         (worker,) = live.workers
         streamed, errors = [], []

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from pixtral.checkpoint.configs import args_from_hf_config, args_from_params_json
 from pixtral.checkpoint.layout import hf_legacy_name, key_specs
+from pixtral.checkpoint.quantized import StoredLinear, index_quantized
 from pixtral.checkpoint.safetensors_io import TensorInfo, read_header
 from pixtral.errors import CheckpointError, ConfigError
 from pixtral.model.args import ModelArgs
+from pixtral.quant.formats import StoredQuantization, read_quantization
 
 MISTRAL, HF = "mistral", "hf"
 
@@ -75,11 +77,19 @@ def read_args(files: CheckpointFiles) -> ModelArgs:
     return args_from_hf_config(config, source=str(files.config_file))
 
 
-def index_tensors(files: CheckpointFiles, args: ModelArgs) -> dict[str, tuple[str, TensorInfo]]:
-    """Map every model parameter (Mistral name) to (stored name, where it lives).
+def read_stored_quantization(files: CheckpointFiles) -> StoredQuantization | None:
+    """The quantization the checkpoint's config declares (None: float); an unsupported scheme is refused here."""
+    return read_quantization(_read_json(files.config_file), str(files.config_file), mistral=files.layout == MISTRAL)
+
+
+def index_tensors(files: CheckpointFiles, args: ModelArgs, quantization: StoredQuantization | None = None,
+                  ) -> tuple[dict[str, tuple[str, TensorInfo]], dict[str, StoredLinear]]:
+    """Map every model parameter (Mistral name) to (stored name, where it lives), and the fp8 linears.
 
     Every missing, unexpected or mis-shaped tensor is found here, from headers alone, and
-    reported with its file and key before any weight is read.
+    reported with its file and key before any weight is read. `quantization`: what the config
+    declares; the stored linears' scales are indexed too (`pixtral.checkpoint.quantized`), as
+    `<module>.weight_scale` / `<module>.input_scale`.
     """
     stored: dict[str, TensorInfo] = {}
     for file in files.weight_files:
@@ -91,7 +101,7 @@ def index_tensors(files: CheckpointFiles, args: ModelArgs) -> dict[str, tuple[st
     lookup = {canonical(name): (name, info) for name, info in stored.items()}
     specs = key_specs(args)
     wanted = {s.mistral: (s.mistral if files.layout == MISTRAL else s.hf) for s in specs}
-    expected_shapes = _expected_shapes(args)
+    expected_shapes, linears = _expected_shapes(args)
     out: dict[str, tuple[str, TensorInfo]] = {}
     for ours, key in wanted.items():
         if key not in lookup:
@@ -105,19 +115,26 @@ def index_tensors(files: CheckpointFiles, args: ModelArgs) -> dict[str, tuple[st
                 f"{list(expected_shapes[ours])}"
             )
         out[ours] = (stored_name, info)
-    known = set(wanted.values())
+    heads = {s.mistral: s.head_dim for s in specs if s.permute_heads} if files.layout == HF else {}
+    quantized, scales = index_quantized(quantization, out, stored, linears, files.layout == HF, heads,
+                                        files.config_file.name)
+    out.update(scales)
+    known = set(wanted.values()) | {canonical(name) for name, _ in scales.values()}
     ignorable = ("rotary_emb.inv_freq",)  # buffers some exporters save; never needed
     for key, (name, info) in lookup.items():
         if key not in known and not name.endswith(ignorable):
             raise CheckpointError(f"{info.file}: unexpected tensor {name!r} (not part of this model's config)")
-    return out
+    return out, quantized
 
 
-def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(args: ModelArgs) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Every parameter's shape, and the names of the linear modules (the ones a checkpoint may quantize)."""
     import torch
+    from torch import nn
 
     from pixtral.model.pixtral import Pixtral
 
     with torch.device("meta"):
         model = Pixtral(args)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    linears = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}, linears

@@ -4,6 +4,10 @@
 safetensors' `get_slice` from the memory-mapped file, so only that range's bytes are touched
 (the tensor-parallel loader: each rank reads its own slices, never a whole sharded weight).
 `bytes_read` and `read_shapes` record what was read, for the loader's callers and tests.
+
+A pre-quantized checkpoint (`quantization`, detected from its config) reads the same way: fp8
+weights in their dtype, and their scales under our names (`<module>.weight_scale`,
+`<module>.input_scale`); `linears` says which linears are stored quantized and how.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pixtral.checkpoint.files import HF, CheckpointFiles, index_tensors
+from pixtral.checkpoint.files import HF, CheckpointFiles, index_tensors, read_stored_quantization
 from pixtral.checkpoint.layout import from_hf_rows, key_specs
 from pixtral.checkpoint.safetensors_io import TensorInfo
 from pixtral.errors import CheckpointError
@@ -25,8 +29,14 @@ class TensorReader:
 
     def __init__(self, files: CheckpointFiles, args: ModelArgs):
         self.layout = files.layout
-        self.tensors: dict[str, tuple[str, TensorInfo]] = index_tensors(files, args)  # header checks only
+        self.quantization = read_stored_quantization(files)  # an unsupported scheme is refused here
+        # header checks only
+        self.tensors, self.linears = index_tensors(files, args, self.quantization)
         self._perms = {s.mistral: s for s in key_specs(args) if s.permute_heads}
+        for spec in list(self._perms.values()):  # per-row scales follow their q/k rows (block ones hold whole heads)
+            module = spec.mistral[: -len(".weight")]
+            if module in self.linears and self.linears[module].strategy == "channel":
+                self._perms[module + ".weight_scale"] = spec
         self._handles: dict[Path, object] = {}
         self.bytes_read = 0
         self.read_shapes: dict[str, tuple[int, ...]] = {}

@@ -19,6 +19,7 @@ from pixtral.checkpoint.reader import TensorReader
 from pixtral.checkpoint.safetensors_io import write_safetensors
 from pixtral.errors import CheckpointError
 from pixtral.model.args import ModelArgs
+from pixtral.quant.compressed_tensors import CompressedTensorsWriter, compressed_tensors_config
 
 HF_SHARD_BYTES = 5 * 2**30
 
@@ -54,10 +55,17 @@ def _publish(tmp: Path, dst: Path) -> None:
 def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
                      shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
                      produce: Callable[[str], torch.Tensor], tokenizer_file: Path | None = None,
-                     overwrite: bool = False) -> Path:
-    """Write a checkpoint whose tensors `produce(mistral_name)` returns in Mistral convention."""
+                     overwrite: bool = False, quantization_config: dict | None = None) -> Path:
+    """Write a checkpoint whose tensors `produce(mistral_name)` returns in Mistral convention.
+
+    `shapes` may hold a `<module>.weight_scale` beside a quantized weight (HF layout only, with
+    `quantization_config` for config.json): it is written right after its weight, its rows
+    permuted with the weight's.
+    """
     if layout not in (MISTRAL, HF):
         raise CheckpointError(f"unknown layout {layout!r}; use 'mistral' or 'hf'")
+    if quantization_config is not None and layout != HF:
+        raise CheckpointError("quantized checkpoints are written in the Hugging Face layout (compressed-tensors) only")
     dst = Path(dst).expanduser()
     config = hf_config(args) if layout == HF else None  # refuses what HF cannot hold, before any write
     # transformers' AutoProcessor files, derived from the tokenizer (also checked before any write)
@@ -70,16 +78,26 @@ def write_checkpoint(args: ModelArgs, dst: str | Path, layout: str,
             write_safetensors(tmp / "consolidated.safetensors", entries, produce)
             (tmp / "params.json").write_text(json.dumps(params_json(args), indent=2) + "\n")
         else:
-            by_hf = {s.hf: s for s in specs}
+            by_hf, entries = {}, []
+            for spec in specs:
+                scale = spec.mistral.removesuffix("weight") + "weight_scale"
+                pairs = [(spec.hf, spec.mistral)]
+                if scale in shapes:
+                    pairs.append((spec.hf.removesuffix("weight") + "weight_scale", scale))
+                for hf_name, ours in pairs:
+                    by_hf[hf_name] = (ours, spec)
+                    entries.append((hf_name, *shapes[ours]))
 
             def produce_hf(hf_name: str) -> torch.Tensor:
-                spec = by_hf[hf_name]
-                t = produce(spec.mistral)
+                ours, spec = by_hf[hf_name]
+                t = produce(ours)
                 return to_hf_rows(t, spec.permute_heads, spec.head_dim) if spec.permute_heads else t
 
-            _write_hf_shards(tmp, [(s.hf, *shapes[s.mistral]) for s in specs], produce_hf)
+            _write_hf_shards(tmp, entries, produce_hf)
             dtype = next(iter(shapes.values()))[1]
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            if quantization_config is not None:
+                config["quantization_config"] = quantization_config
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tekken.json")
@@ -126,13 +144,29 @@ def save_model(model, dst: str | Path, layout: str = MISTRAL, tokenizer_file: Pa
                             lambda name: params[name].detach().to("cpu", target), tokenizer_file, overwrite)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> Path:
-    """Stream a checkpoint into the other layout, tensor by tensor, bit-exact."""
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, overwrite: bool = False,
+                       quantization: str | None = None) -> Path:
+    """Stream a checkpoint into the other layout, tensor by tensor (bit-exact unless quantizing).
+
+    `quantization="fp8"` (HF layout only): the decoder's linears are written as fp8 in the
+    compressed-tensors layout (`pixtral.quant.compressed_tensors`), each weight quantized as it is
+    read; everything else is copied bit-exact. A pre-quantized source is refused.
+    """
     files = find_files(src)
     args = read_args(files)
     reader = TensorReader(files, args)
-    shapes = {ours: (info.shape, info.dtype) for ours, (_, info) in reader.tensors.items()}
     try:
-        return write_checkpoint(args, dst, to, shapes, reader.read, files.tokenizer_file, overwrite)
+        if reader.quantization is not None:
+            raise CheckpointError(f"{files.root}: already quantized ({reader.quantization.scheme}, "
+                                  f"{reader.quantization.method}); converting quantized checkpoints is not supported")
+        shapes = {ours: (info.shape, info.dtype) for ours, (_, info) in reader.tensors.items()}
+        if quantization is None:
+            return write_checkpoint(args, dst, to, shapes, reader.read, files.tokenizer_file, overwrite)
+        if quantization != "fp8" or to != HF:
+            raise CheckpointError(f"convert writes quantized checkpoints as fp8 in the Hugging Face layout "
+                                  f"(compressed-tensors) only, not {quantization} in the {to} layout")
+        produce = CompressedTensorsWriter(reader.read, shapes)
+        return write_checkpoint(args, dst, to, produce.shapes, produce, files.tokenizer_file, overwrite,
+                                quantization_config=compressed_tensors_config())
     finally:
         reader.close()

@@ -34,6 +34,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    add_quantization_option(parser)
+
+
+def add_quantization_option(parser) -> None:
+    parser.add_argument("--quantization", "-q", choices=("fp8", "int8"), default=None,
+                        help="quantize the decoder's linear layers while loading a float checkpoint: fp8 (e4m3; "
+                             "fp8 matmuls on H100/H200-class GPUs) or int8 (weight-only, for the CPU); a checkpoint "
+                             "stored quantized (fp8) loads as it is without this option")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -55,7 +63,7 @@ def load_model_and_processor(args: argparse.Namespace):
 
     path = args.model or default_model_dir()
     device = resolve_device(args.device)
-    model = load_model(path, device=device, dtype=DTYPES.get(args.dtype))
+    model = load_model(path, device=device, dtype=DTYPES.get(args.dtype), quantization=args.quantization)
     return model, load_processor(path)
 
 

@@ -63,9 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="OpenAI-compatible API base URL, e.g. http://localhost:8000/v1 (our server, vLLM, ...)")
     target.add_argument("--served-model", metavar="NAME", help="model name to request from --endpoint")
     target.add_argument("--api-key", metavar="KEY", help="API key for --endpoint (default: none)")
-    from pixtral.cli.common import add_tensor_parallel_option
+    from pixtral.cli.common import add_quantization_option, add_tensor_parallel_option
 
     add_tensor_parallel_option(target)
+    add_quantization_option(target)
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--output-dir", default="runs/eval", metavar="DIR", help="where results go (default: runs/eval)")
     run_opts.add_argument("--limit", type=_positive_int, metavar="N",
@@ -106,6 +107,8 @@ def _backend(args: argparse.Namespace):
         raise ConfigError("--model and --endpoint are exclusive: evaluate a local checkpoint or an endpoint, not both")
     if args.endpoint and args.tensor_parallel_size not in (None, 1):
         raise ConfigError("--tensor-parallel-size is for a local --model; the endpoint's server splits its own model")
+    if args.endpoint and args.quantization:
+        raise ConfigError("--quantization is for a local --model; the endpoint's server loads its own model")
     if args.endpoint:
         if not args.served_model:
             raise ConfigError("--endpoint needs --served-model NAME (the model name the endpoint serves)")
@@ -120,7 +123,8 @@ def _backend(args: argparse.Namespace):
         from pixtral.assets import default_model_dir
 
         check_tensor_parallel_size(args.model or default_model_dir(), size, resolve_device(None))
-    return LocalBackend(args.model, max_batch=args.concurrency, tensor_parallel_size=size)
+    return LocalBackend(args.model, max_batch=args.concurrency, tensor_parallel_size=size,
+                        quantization=args.quantization)
 
 
 def _judge(args: argparse.Namespace):

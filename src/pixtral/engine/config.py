@@ -68,9 +68,25 @@ class EngineConfig:
 
 
 def default_cpu_kv_bytes() -> int:
-    """CPU: a fifth of the machine's memory, at most 4 GiB (pages are only touched when used)."""
+    """CPU: a fifth of the machine's memory, at most 4 GiB, and at most half of what is still
+    available (called once the model is loaded: a large or quantized model leaves less).
+    Pages are only touched when used, so this is a cap on what the cache may grow to."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 8 * GiB
-    return int(min(4 * GiB, total // 5))
+    budget = min(4 * GiB, total // 5)
+    available = available_memory_bytes()
+    return int(budget if available is None else min(budget, available // 2))
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says new allocations can get without swapping (Linux: MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -132,7 +132,8 @@ class TensorParallelExecutor:
     # ------------------------------------------------------------------ start
     @classmethod
     def start(cls, path: str | Path, size: int, device: torch.device, dtype: torch.dtype | None,
-              config: EngineConfig, timeout_s: float | None = None) -> "TensorParallelExecutor":
+              config: EngineConfig, timeout_s: float | None = None,
+              quantization: str | None = None) -> "TensorParallelExecutor":
         """Start (or, under torchrun, join) the workers, set up the process group and load rank 0's model."""
         from pixtral.parallel import load_tp_model
         from pixtral.parallel.process_group import DEFAULT_TIMEOUT_S, torchrun_env
@@ -158,8 +159,8 @@ class TensorParallelExecutor:
                 executor._attach(env)
             else:
                 executor._spawn()
-            executor._send_all(("setup", Setup(str(path), dtype, config, executor.timeout_s)))
-            executor.model = load_tp_model(path, 0, size, device=device, dtype=dtype)
+            executor._send_all(("setup", Setup(str(path), dtype, config, executor.timeout_s, quantization)))
+            executor.model = load_tp_model(path, 0, size, device=device, dtype=dtype, quantization=quantization)
             return executor
         except BaseException:
             executor.close()

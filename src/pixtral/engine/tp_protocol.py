@@ -33,6 +33,7 @@ class Setup:
     dtype: torch.dtype | None
     config: EngineConfig  # resolved
     timeout_s: float
+    quantization: str | None = None  # as `load_tp_model` takes it
 
 
 def send(conn: Connection, message: Any) -> None:

@@ -72,7 +72,8 @@ class Worker:
 
         setup: Setup = self.expect("setup")[1]
         cfg = setup.config
-        model = load_tp_model(setup.path, self.rank, self.size, device=self.device, dtype=setup.dtype)
+        model = load_tp_model(setup.path, self.rank, self.size, device=self.device, dtype=setup.dtype,
+                              quantization=setup.quantization)
         if self.device.type == "cuda":
             fuse(model, projections=cfg.fuse_projections, kernels=cfg.triton_kernels)
         send(self.conn, ("loaded",))

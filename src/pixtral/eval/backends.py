@@ -179,11 +179,13 @@ class LocalBackend:
     """
 
     def __init__(self, model_path: str | None, *, max_batch: int = 8, gather_s: float = 0.05,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, quantization: str | None = None):
         llm_cls, self._sampling_cls = _import_engine()
         self.model_path = model_path
         self.tensor_parallel_size = tensor_parallel_size
         options = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size != 1 else {}
+        if quantization is not None:
+            options["quantization"] = quantization
         try:
             self.llm = llm_cls(model_path, **options)
         except PixtralError:
@@ -193,6 +195,8 @@ class LocalBackend:
         self.max_batch = max(1, max_batch)
         self.gather_s = gather_s
         self.identity = {"model": model_path or "default"}
+        if getattr(self.llm.model, "quantization", None) is not None:  # quantized answers are not the float model's
+            self.identity["quantization"] = self.llm.model.quantization
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="pixtral-eval-engine", daemon=True)
         self._thread.start()
@@ -201,6 +205,9 @@ class LocalBackend:
         described = {"kind": "local", "model": self.model_path or "default", "max_batch": self.max_batch}
         if self.tensor_parallel_size != 1:
             described["tensor_parallel_size"] = self.tensor_parallel_size
+        quantization = getattr(self.llm.model, "quantization", None)
+        if quantization is not None:  # asked for, or stored in the checkpoint
+            described["quantization"] = quantization
         return described
 
     def check(self) -> list[str]:

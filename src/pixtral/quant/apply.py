@@ -18,6 +18,8 @@ quantized (refused).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from pixtral.quant.linear import Fp8Linear, Int8WeightLinear
@@ -48,16 +50,27 @@ def quantize_linears(model: nn.Module, scheme: str, modules: tuple[str, ...] = D
                              "(a vocabulary-parallel head is not supported)")
         targets.append(("output", model.output))
     for name, module in targets:
-        if type(module) is nn.Linear:
-            _replace(model, name, cls.from_linear(module, per_channel=per_channel))
-        elif isinstance(module, RowParallel) and type(module.inner) is nn.Linear:
-            module.set_inner(cls.from_linear(module.inner, per_channel=per_channel))
-        else:
-            continue
-        done.append(name)
+        linear = module.inner if isinstance(module, RowParallel) else module
+        if type(linear) is nn.Linear:
+            replace_linear(model, name, lambda m: cls.from_linear(m, per_channel=per_channel))
+            done.append(name)
     return done
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_linear(model: nn.Module, name: str, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace the plain linear `name` by `make(linear)`; inside a `RowParallel` wrapper, its inner one.
+
+    On a meta model (the loader's way) `make` builds the empty quantized module that loading fills.
+    Refuses anything else (a vocabulary-parallel head, a module already replaced), naming it.
+    """
+    from pixtral.parallel.tensor_parallel import RowParallel
+
+    module = model.get_submodule(name)
+    if isinstance(module, RowParallel) and type(module.inner) is nn.Linear:
+        module.set_inner(make(module.inner))
+        return
+    if type(module) is not nn.Linear:
+        raise ValueError(f"cannot quantize {name!r}: it is a {type(module).__name__}, not a linear layer "
+                         "(a tensor-parallel output head is vocabulary-parallel and stays float)")
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    setattr(model.get_submodule(parent) if parent else model, leaf, make(module))

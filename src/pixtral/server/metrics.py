@@ -71,6 +71,14 @@ class EngineCollector(Collector):
                                 value=int(engine is not None and engine.alive))
         if engine is None:
             return
+        info = engine.model_info()
+        model = GaugeMetricFamily("pixtral_model_info", "What the engine runs (labels); always 1.",
+                                  labels=["dtype", "quantization", "quantization_source", "tensor_parallel_size"])
+        model.add_metric([info["dtype"], info["quantization"] or "none", info["quantization_source"] or "none",
+                          str(info["tensor_parallel_size"])], 1)
+        yield model
+        yield GaugeMetricFamily("pixtral_model_weight_bytes", "Bytes of the model's weights in this process "
+                                "(rank 0's share under tensor parallelism).", value=info["weight_bytes"])
         stats = engine.stats()
         for name, help_text, field in ENGINE_GAUGES:
             yield GaugeMetricFamily(name, help_text, value=getattr(stats, field))
