@@ -12,10 +12,13 @@ HELP = """\
 Ask a question about one or more images. With a PROMPT, prints one answer as it is generated.
 Without one, starts an interactive chat: type a message and press Enter; '/image FILE' attaches
 an image to your next message, '/reset' starts over, '/quit' (or Ctrl-D) leaves.
+With --web, opens the chat page in your browser instead (a local `pixtral serve` on a free
+port; drop or paste images there; Ctrl-C stops it).
 
 examples:
   pixtral chat --image examples/chart.png "What is the value of bar G?"
   pixtral chat --model ~/models/Pixtral-12B-2409 --image photo.jpg
+  pixtral chat --web
   pixtral chat --model ~/models/Pixtral-Large-Instruct-2411 --tensor-parallel-size 8 --image photo.jpg
 """
 
@@ -33,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--web", action="store_true",
+                   help="open the web chat page in a browser (a local server on a free port) instead")
     add_tensor_parallel_option(p)
     p.set_defaults(func=run)
 
@@ -83,13 +88,41 @@ def _load(args: argparse.Namespace):
     path = args.model or default_model_dir()
     device = resolve_device(args.device)
     check_tensor_parallel_size(path, size, device)
-    llm = LLM(path, device, DTYPES.get(args.dtype), tensor_parallel_size=size)
+    llm = LLM(path, device, DTYPES.get(args.dtype), quantization=args.quantization, tensor_parallel_size=size)
     return llm, llm.processor, llm.close
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_web(args: argparse.Namespace) -> int:
+    """`pixtral chat --web`: `pixtral serve` on 127.0.0.1 and a free port, and the page opened in a browser."""
+    from pixtral.cli import serve
+
+    if args.prompt is not None or args.image:
+        raise PixtralError("--web opens the chat page, where you attach images and type: give no PROMPT or --image "
+                           "with it")
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(_free_port())]
+    for option in ("model", "device", "dtype", "quantization", "tensor_parallel_size"):
+        if getattr(args, option) is not None:
+            argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    parser = argparse.ArgumentParser(prog="pixtral")
+    serve.register(parser.add_subparsers())
+    serve_args = parser.parse_args(argv)  # every other serve option at its default
+    serve_args.open_browser = True
+    return serve.run(serve_args)
 
 
 def run(args: argparse.Namespace) -> int:
     from pixtral.cli.common import torchrun_worker
 
+    if args.web:
+        return _run_web(args)
     code = torchrun_worker(args)  # under torchrun, the ranks other than 0 serve rank 0's engine
     if code is not None:
         return code

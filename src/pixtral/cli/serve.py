@@ -9,9 +9,13 @@ import sys
 
 HELP = """\
 Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, streamed or not;
-GET /v1/models, /health, /metrics). Images are accepted as data: URIs; remote http(s) images
+POST /v1/completions, raw text prompts with echo and logprobs; GET /v1/models, /health, /metrics). Images are accepted as data: URIs; remote http(s) images
 only with --allow-remote-images (never from loopback or private addresses); local paths never.
 The server answers 503 until the model is loaded.
+
+A chat page is served at / (open http://HOST:PORT/ in a browser): attach images, ask, watch the
+answer stream. It is a small static page shipped in the package; it talks only to this server
+and asks once for the --api-key if one is set. --no-web leaves it out.
 
 Limits that keep one client from starving the others: --max-connections (a new connection over
 it closes the longest-idle one, or gets a 503 when all are busy), --header-timeout and
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", action=_ApiKey, default=os.environ.get("PIXTRAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PIXTRAL_API_KEY; none: open)")
     p.set_defaults(api_key_given=False)
+    p.add_argument("--no-web", action="store_true", help="do not serve the web chat page at /")
     g = p.add_argument_group("images")
     g.add_argument("--allow-remote-images", action="store_true",
                    help="also fetch http(s) image URLs (public addresses only, with size and time limits)")
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     }
     config = ServerConfig(model_name=args.served_model_name or path.resolve().name, api_key=args.api_key,
                           image_policy=policy, max_images_per_request=args.max_images_per_request,
-                          max_request_bytes=int(args.max_request_mb * 2**20), body_timeout_s=args.body_timeout)
+                          max_request_bytes=int(args.max_request_mb * 2**20), body_timeout_s=args.body_timeout,
+                          web_page=not args.no_web)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     max_connections = raise_file_limit(args.max_connections)
     if max_connections < args.max_connections:
@@ -173,13 +179,18 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     def load() -> AsyncEngine:
-        engine = AsyncEngine.from_pretrained(path, device, DTYPES.get(args.dtype), image_policy=policy, **options)
+        engine = AsyncEngine.from_pretrained(path, device, DTYPES.get(args.dtype), image_policy=policy,
+                                             quantization=args.quantization, **options)
         engine.on_worker_failure(on_worker_failure)
         return engine
 
     state.load_in_background(load, on_error)
     logging.getLogger("pixtral.server").info("serving %r at http://%s:%d/v1 (loading the model...)",
                                              config.model_name, args.host, args.port)
+    if config.web_page:
+        logging.getLogger("pixtral.server").info("chat page: http://%s:%d/", _url_host(args.host), args.port)
+    if getattr(args, "open_browser", False):
+        _open_browser_when_started(server, f"http://{_url_host(args.host)}:{args.port}/")
     if tp == 1:
         run_server(server)
         if state.engine is not None:
@@ -189,6 +200,32 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         raise PixtralError(f"could not load the model: {state.load_error}")
     return 0
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL a browser on this machine can open."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _open_browser_when_started(server, url: str) -> None:
+    """Open `url` in the user's browser once the server listens (`pixtral chat --web`). The page
+    itself waits for the model to load."""
+    import threading
+    import time
+    import webbrowser
+
+    def wait_and_open() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"chat page: {url}", flush=True)
+            webbrowser.open(url)  # no browser (a headless machine): nothing happens, the URL is printed
+
+    threading.Thread(target=wait_and_open, name="pixtral-open-browser", daemon=True).start()
 
 
 class _Terminated(BaseException):
