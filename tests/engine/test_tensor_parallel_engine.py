@@ -107,6 +107,13 @@ def test_two_ranks_answer_as_one_process(checkpoints, name):
         assert llm.engine.stats().images_encoded_total == 2 * len(IMAGES)
         assert token_ids(llm.generate([c[0]["content"] for c in convs[:4:2]], GREEDY)) == token_ids(
             one.generate([c[0]["content"] for c in convs[:4:2]], GREEDY))
+        # n choices fork off the prompt (its last block copied on every rank), with prompt logprobs
+        forked = SamplingParams(temperature=1.0, seed=3, max_tokens=6, n=3, prompt_logprobs=1, presence_penalty=0.5)
+        mine, theirs = (x.generate("Forked choices, on two ranks: a prompt never sent before", forked)[0]
+                        for x in (llm, one))
+        assert [o.token_ids for o in mine.outputs] == [o.token_ids for o in theirs.outputs]
+        assert [lp.logprob for lp in mine.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in theirs.prompt_logprobs[1:]], abs=1e-4)
     # close(): asked to stop, the worker left the group and exited; nothing is left
     assert all(p.exitcode == 0 for p in executor.procs.values())
     assert all(gone(p) for p in pids)

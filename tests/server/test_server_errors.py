@@ -90,10 +90,11 @@ CASES = {
                                      b'"temperature": NaN}' % MODEL_NAME.encode()), 400, "invalid_request"),
     "negative temperature": (dict(json=body(temperature=-0.5)), 400, "invalid_request"),
     "top_p of zero": (dict(json=body(top_p=0)), 400, "invalid_request"),
-    "several choices (n=2)": (dict(json=body(n=2)), 400, "unsupported"),
+    "too many choices (n=17)": (dict(json=body(n=17)), 400, "invalid_request"),
     "too many top_logprobs": (dict(json=body(logprobs=True, top_logprobs=50)), 400, "invalid_request"),
-    "tool calling": (dict(json=body(tools=[{"type": "function", "function": {"name": "f"}}])), 400, "unsupported"),
-    "presence penalty": (dict(json=body(presence_penalty=1.0)), 400, "unsupported"),
+    "legacy functions": (dict(json=body(functions=[{"name": "f"}])), 400, "unsupported"),
+    "a bad tool": (dict(json=body(tools=[{"type": "function", "function": {"name": "a b"}}])), 400, "invalid_request"),
+    "presence penalty over 2": (dict(json=body(presence_penalty=2.5)), 400, "invalid_request"),
     "stop of the wrong type": (dict(json=body(stop=5)), 400, "invalid_request"),
     "seed out of range": (dict(json=body(seed=2**70, temperature=1.0)), 400, "invalid_request"),
     "body over the size limit": (dict(content=b"{" + b" " * (3 * 2**20) + b"}"), 413, "request_too_large"),
@@ -122,7 +123,7 @@ def test_bad_request(http, name):
 
 
 def test_routes_and_methods(http):
-    r = http.post("/v1/completions", json=body())
+    r = http.post("/v1/embeddings", json=body())
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
     r = http.get("/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

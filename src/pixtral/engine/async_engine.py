@@ -12,6 +12,8 @@ engine runs its next step, and a stop string's finish goes back to the engine as
 `submit` checks a request and refuses it at once (a bad request, a full queue, a dead engine)
 so a server can answer with the right status before it starts streaming. A stream that is
 abandoned or closed aborts its request, which frees its KV blocks at the engine's next step.
+A request with `n` > 1 choices is one stream: its deltas carry their choice's `index`, and it ends
+when every choice has (or one fails).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class RequestStream:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.done = False
+        self._open = params.n  # choices not finished (on the stream's event loop: `AsyncEngine._process`)
+        self._unread = params.n  # choices whose last delta the consumer has not had
 
     def _put(self, item: OutputDelta | BaseException) -> None:  # from another thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -70,22 +74,25 @@ class RequestStream:
                 if isinstance(item, BaseException):
                     self.done = True
                     raise item
-                # Deltas that came while the consumer was busy go out as one: a server that falls behind
-                # the engine writes one event per turn, not one per token, and so catches up.
+                # Deltas of one choice that came while the consumer was busy go out as one: a server that
+                # falls behind the engine writes one event per turn, not one per token, and so catches up.
                 while not item.finished and not self._queue.empty():
                     later = self._queue.get_nowait()
-                    if isinstance(later, BaseException) or later.error is not None:
+                    if (isinstance(later, BaseException) or later.error is not None
+                            or later.request_id != item.request_id):
                         held = later
                         break
                     item.extend(later)
-                self.done = item.finished
+                self._unread -= item.finished
+                self.done = self._unread == 0 or item.error is not None  # one failed choice ends the request
                 yield item
         finally:
             self.abort()
 
     async def result(self) -> RequestOutput:
         """Wait for the whole answer."""
-        out = RequestOutput.start(self.request_id, self.prompt.token_ids, self.params.logprobs is not None)
+        out = RequestOutput.start(self.request_id, self.prompt.token_ids, self.params.logprobs is not None,
+                                  self.params.n)
         async for delta in self:
             out.add(delta)
         return out
@@ -116,11 +123,12 @@ class AsyncEngine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None, *,
-                        image_policy: ImagePolicy | None = None, **engine_options: Any) -> "AsyncEngine":
+                        image_policy: ImagePolicy | None = None, quantization: str | None = None,
+                        **engine_options: Any) -> "AsyncEngine":
         from pixtral.engine.llm import LLM
 
         kwargs = {"image_policy": image_policy} if image_policy is not None else {}
-        llm = LLM(path, device, dtype, **kwargs, **engine_options)  # warmed up (GPU graphs captured)
+        llm = LLM(path, device, dtype, quantization=quantization, **kwargs, **engine_options)  # warmed up (GPU graphs captured)
         return cls(llm.engine)
 
     # ------------------------------------------------------------------ properties
@@ -135,6 +143,9 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    def model_info(self) -> dict:
+        return self.engine.model_info()
 
     def stats(self) -> EngineStats:
         stats = self.engine.stats()  # plain counters, read without locking: a snapshot may be a step old
@@ -216,11 +227,13 @@ class AsyncEngine:
         for reason, ids in finish.items():
             self._send(("finish", (ids, reason)))
         for delta in deltas:
-            stream = self._streams.get(delta.request_id)
-            if delta.finished:
-                self._streams.pop(delta.request_id, None)
-            if stream is not None:
-                stream._queue.put_nowait(delta)
+            stream = self._streams.get(delta.owner)
+            if stream is None:
+                continue
+            stream._open -= delta.finished
+            if stream._open == 0 or delta.error is not None:
+                self._streams.pop(delta.owner, None)
+            stream._queue.put_nowait(delta)
 
     # ------------------------------------------------------------------ engine thread
     def _send(self, command: tuple) -> None:
@@ -288,7 +301,7 @@ class AsyncEngine:
         """Send a step's outputs to their streams' event loops, one call per loop, to be made into text there."""
         by_loop: dict[asyncio.AbstractEventLoop, list[OutputDelta]] = {}
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            stream = self._streams.get(out.owner)
             if stream is not None:  # else its client left, or a stop string ended it
                 by_loop.setdefault(stream._loop, []).append(out)
         for loop, outs in by_loop.items():
@@ -296,6 +309,6 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(self._process, outs)
             except RuntimeError:  # that event loop is gone: nobody reads these requests
                 for out in outs:
-                    self.engine.abort(out.request_id)
-                    self._streams.pop(out.request_id, None)
-                    self.outputs.abort(out.request_id)
+                    self.engine.abort(out.owner)
+                    self._streams.pop(out.owner, None)
+                    self.outputs.abort(out.owner)

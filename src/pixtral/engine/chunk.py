@@ -28,6 +28,15 @@ class Chunk:
         return self.start + self.length
 
     @property
+    def prompt_logit_positions(self) -> range:
+        """Positions of this chunk whose logits give prompt logprobs (each predicts the prompt's next
+        token), when its request keeps them; empty otherwise."""
+        req = self.request
+        if req is None or req.prompt_logprobs is None:
+            return range(0)
+        return range(self.start, max(self.start, min(self.end, req.prompt_len - 1)))
+
+    @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of its sequence, so its last logits pick a token."""
         return self.request is not None and self.end == self.request.num_tokens

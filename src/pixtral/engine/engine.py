@@ -13,7 +13,19 @@ Each `step()` schedules, runs the model and samples: its outputs are tokens, log
 finish reasons the engine can see itself (stop ids, max_tokens, errors). Text is made apart
 from the step loop, so detokenizing never holds up the next step; when a stop string matches,
 the output processor ends the request with `finish_requests`. Finished and aborted requests
-give their KV blocks back at once. The engine is synchronous and single-threaded;
+give their KV blocks back at once.
+
+A request with `n` > 1 choices is n sequences (`request.child_ids`). Only the first computes the
+prompt; the others wait until it has, then fork off it in the step that samples its first token:
+each shares the prompt's full KV blocks and gets a copy of the partly filled last one
+(`KVCacheManager.fork`), and samples its own first token from the same logits. So the prompt runs
+once whether prefix caching is on or off, and no prompt token is recomputed. (Going through the
+prefix cache instead, as vLLM v1 does, recomputes the last partial block per choice, and all of
+the prompt for choices admitted in the same step.) A choice that finds no room then (the sequence
+limit, or no free block) waits as a request of its own and recomputes the prompt, from the prefix
+cache where it can.
+
+The engine is synchronous and single-threaded;
 `AsyncEngine` drives it from a background thread. Under tensor parallelism (`executor.py`) all of
 this runs once, in the driver's process; only the model runner's forward passes and image
 encodings run on every rank.
@@ -39,14 +51,16 @@ from pixtral.engine.executor import TensorParallelError
 from pixtral.engine.kv_cache import PagedKVCache, engine_num_blocks
 from pixtral.engine.kv_cache_manager import KVCacheManager
 from pixtral.engine.model_runner import ModelRunner
-from pixtral.engine.outputs import OutputDelta
-from pixtral.engine.request import Prompt, Request
+from pixtral.engine.outputs import OutputDelta, TokenLogprob
+from pixtral.engine.request import Prompt, Request, Status, child_ids
 from pixtral.engine.sampler import Sampler
 from pixtral.engine.scheduler import Scheduler
 from pixtral.errors import RequestError
 from pixtral.generation.generate import max_new_tokens
 from pixtral.generation.params import SamplingParams
 from pixtral.generation.sampling import stop_token_ids
+from pixtral.structured import grammar_tokenizer
+from pixtral.structured.masks import GrammarError, MaskBatch, Masker, advance
 
 log = logging.getLogger("pixtral.engine")
 
@@ -103,7 +117,10 @@ class Engine:
             executor.wait_ready(self.runner.graph_plan())
             weakref.finalize(self, executor.close)  # an engine dropped without close() still stops its workers
         self.sampler = Sampler()
-        self.requests: dict[str, Request] = {}
+        self._masker: Masker | None = None  # started with the first constrained request
+        self.requests: dict[str, Request] = {}  # by the engine's ids (one per choice)
+        self._choices: dict[str, list[Request]] = {}  # a request of n > 1 choices: its sequences, by its id
+        self._forks: dict[str, list[Request]] = {}  # first choice's id -> the choices waiting for its prompt
         self.eos_id = processor.eos_id
         self.image_token_id = model.image_token_id
         self.image_related_ids = set((getattr(processor, "image_token_ids", None) or {}).values())
@@ -126,8 +143,16 @@ class Engine:
         engine state, so any thread may call it.
         """
         params.validate()
+        if params.structured_output is not None:  # compiled here, off the step loop (kept: add_request reuses it)
+            params.structured_output.compile(grammar_tokenizer(self.processor))
         ids = prompt.token_ids
         vocab = self.model.args.vocab_size
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"'n' = {params.n} is over the {self.config.max_num_seqs} sequences this engine "
+                               "runs at once (max_num_seqs)")
+        outside = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if outside is not None:
+            raise RequestError(f"'logit_bias': token id {outside} is not in the vocabulary (ids 0 to {vocab - 1})")
         if not isinstance(ids, list) or not ids:
             raise RequestError("the prompt is empty")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
@@ -155,24 +180,42 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         max_new, counts = self.check(prompt, params)
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
+        ids = child_ids(request_id, params.n)
+        if request_id in self._choices or any(i in self.requests for i in ids):
             raise RequestError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, prompt, params, max_new_tokens=max_new, image_token_id=self.image_token_id,
-                      image_token_counts=counts, stop_ids=stop_token_ids(params, self.eos_id),
-                      image_related_ids=self.image_related_ids)
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        grammar = (params.structured_output.compile(grammar_tokenizer(self.processor))
+                   if params.structured_output is not None else None)
+        choices = [Request(cid, prompt, params, max_new_tokens=max_new, image_token_id=self.image_token_id,
+                           image_token_counts=counts, stop_ids=stop_token_ids(params, self.eos_id),
+                           image_related_ids=self.image_related_ids, parent_id=request_id, index=i,
+                           matcher=grammar.matcher() if grammar is not None else None)
+                   for i, cid in enumerate(ids)]
+        first = choices[0]
+        self.requests[first.request_id] = first
+        self.scheduler.add(first)
+        if params.n > 1:
+            self._choices[request_id] = choices
+            self._forks[first.request_id] = choices[1:]
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV blocks. False if it is unknown or already done."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return False
-        self.scheduler.finish(req)
-        req.finish_reason = "abort"
-        self._finished["abort"] += 1
-        return True
+        """Stop a request (all its choices) now and free its KV blocks. False if it is unknown or already done.
+        `request_id` is the client's id, or the engine's id of one choice."""
+        choices = self._choices.pop(request_id, None)
+        ids = [c.request_id for c in choices] if choices is not None else [request_id]
+        aborted = False
+        for rid in ids:
+            for choice in self._forks.pop(rid, []):  # waiting for the prompt: never scheduled
+                choice.status, choice.finish_reason = Status.FINISHED, "abort"
+                self._finished["abort"] += 1
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                self.scheduler.finish(req)
+                req.finish_reason = "abort"
+                self._finished["abort"] += 1
+                self._forget_choices(req.parent_id)
+                aborted = True
+        return aborted
 
     def finish_requests(self, request_ids: Iterable[str], reason: str) -> None:
         """End requests for a reason found outside the step loop (a stop string, a failure to make
@@ -219,28 +262,80 @@ class Engine:
             return self._fail([c.request for c in chunks if not c.request.finished], exc)
 
     def _run_step(self, chunks: list[Chunk]) -> list[OutputDelta]:
+        masks = self._start_masks(chunks)  # computed while the model runs
         chunks, logits, deltas = self._forward(chunks)
         for c in chunks:
             self.scheduler.computed(c)
             self._prompt_tokens += max(0, min(c.end, c.request.prompt_len) - c.start)
+        logits, prompt_logits = self._split_logits(chunks, logits)
+        if prompt_logits is not None:
+            self._prompt_logprobs(chunks, prompt_logits)
         sampling = [c.request for c in chunks if c.samples]
         if not sampling:
             return deltas
+        sampling, logits = self._fork(sampling, logits)
         try:
-            tokens, logprobs, errors = self.sampler(logits, sampling)
+            tokens, logprobs, errors = self.sampler(logits, sampling, masks)
         except Exception:  # noqa: BLE001 - find the rows at fault: sample each alone
             log.exception("sampling a batch of %d failed; sampling each row alone", len(sampling))
-            tokens, logprobs, errors = self._sample_each(logits, sampling)
+            tokens, logprobs, errors = self._sample_each(logits, sampling, masks)
         for i, req in enumerate(sampling):
             if i in errors:
                 deltas += self._fail([req], errors[i])
                 continue
-            delta = req.append_token(tokens[i], logprobs[i])
+            try:  # the grammar takes the token (once: recomputing after a preemption samples nothing)
+                complete = req.matcher is not None and advance(req.matcher, tokens[i])
+            except GrammarError as exc:
+                deltas += self._fail([req], exc)
+                continue
+            delta = req.append_token(tokens[i], logprobs[i], complete)
             self._generated += 1
             if delta.finished:
                 self._finish(req)
             deltas.append(delta)
         return deltas
+
+    @staticmethod
+    def _split_logits(chunks: list[Chunk], logits: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The runner's rows -> (one row per sampling chunk, the prompt-logprob rows or None)."""
+        n_sample = sum(c.samples for c in chunks)
+        if logits is None or logits.shape[0] == n_sample:
+            return logits, None
+        return logits[:n_sample], logits[n_sample:]
+
+    def _prompt_logprobs(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        """Keep the logprob (and the top alternatives) of each prompt token the chunks' logits predict."""
+        positions = [(c.request, p) for c in chunks for p in c.prompt_logit_positions]
+        targets = torch.tensor([req.token_ids[p + 1] for req, p in positions], device=logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        k = max(req.params.prompt_logprobs for req, _ in positions)
+        top_values, top_ids = torch.topk(logp, k, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, (req, p) in enumerate(positions):
+            n = req.params.prompt_logprobs
+            req.prompt_logprobs[p + 1] = TokenLogprob(req.token_ids[p + 1], chosen[j],
+                                                      list(zip(top_ids[j][:n], top_values[j][:n])))
+
+    def _fork(self, sampling: list[Request], logits: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Fork the choices waiting for a prompt that this step finished: each shares its blocks and
+        samples from its logits row (-> the sampling requests and their rows, the forked ones added)."""
+        rows = list(range(len(sampling)))
+        for j, first in enumerate(list(sampling)):
+            for choice in self._forks.pop(first.request_id, []):
+                self.requests[choice.request_id] = choice
+                copies = (self.kv.fork(first, choice, first.prompt_len, reserve=self.scheduler.watermark)
+                          if self.scheduler.has_room else None)
+                if copies is None:  # no room now: it computes its prompt itself, when it can
+                    self.scheduler.add(choice)
+                    continue
+                choice.num_cached_tokens = first.num_cached_tokens  # its usage: the prompt's, as computed once
+                self.runner.copy_blocks(copies)
+                self.scheduler.add_forked(choice, first.prompt_len)
+                sampling.append(choice)
+                rows.append(j)
+        return sampling, (logits if len(rows) == logits.shape[0] else logits[rows])
 
     def _forward(self, chunks: list[Chunk]) -> tuple[list[Chunk], torch.Tensor | None, list[OutputDelta]]:
         """Run the step's chunks -> (the chunks that ran, their logits, error deltas of those that failed).
@@ -258,7 +353,7 @@ class Engine:
                 log.exception("engine step failed")
                 return [], None, self._fail([chunks[0].request], exc)
             log.exception("a step of %d chunks failed; running each alone", len(chunks))
-        ran, rows, deltas = [], [], []
+        ran, rows, prompt_rows, deltas = [], [], [], []
         for c in chunks:
             try:
                 logits = self.runner.forward([c], self._image_features([c]))
@@ -268,16 +363,34 @@ class Engine:
                 deltas += self._fail([c.request], exc)
                 continue
             ran.append(c)
-            if c.samples:
-                rows.append(logits)
+            if c.samples:  # its sampling row first, then its prompt-logprob rows (see `ModelRunner.forward`)
+                rows.append(logits[:1])
+                logits = logits[1:]
+            prompt_rows.append(logits)
+        rows += prompt_rows
         return ran, (torch.cat(rows) if rows else None), deltas
 
-    def _sample_each(self, logits: torch.Tensor, requests: list[Request]
+    def _start_masks(self, chunks: list[Chunk]) -> MaskBatch | None:
+        """Begin the grammar masks of the constrained sequences that sample this step, and of the choices
+        that may fork off them (in a background thread, while the forward pass runs)."""
+        matchers = {}
+        for c in chunks:
+            if c.samples:
+                for req in [c.request, *self._forks.get(c.request.request_id, ())]:
+                    if req.matcher is not None:
+                        matchers[req.request_id] = req.matcher
+        if not matchers:
+            return None
+        if self._masker is None:
+            self._masker = Masker(self.processor.vocab_size)
+        return self._masker.start(matchers)
+
+    def _sample_each(self, logits: torch.Tensor, requests: list[Request], masks: MaskBatch | None = None
                      ) -> tuple[list[int | None], list, dict[int, Exception]]:
         tokens, logprobs, errors = [None] * len(requests), [None] * len(requests), {}
         for i, req in enumerate(requests):
             try:
-                (tokens[i],), (logprobs[i],), row_errors = self.sampler(logits[i: i + 1], [req])
+                (tokens[i],), (logprobs[i],), row_errors = self.sampler(logits[i: i + 1], [req], masks)
             except Exception as exc:  # noqa: BLE001
                 errors[i] = exc
                 continue
@@ -310,10 +423,17 @@ class Engine:
     def _finish(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
         self.scheduler.finish(req)
+        self._forget_choices(req.parent_id)
         self._finished[req.finish_reason] += 1
         self._ended[req.request_id] = req.finish_reason
         if len(self._ended) > self._ended_limit:
             self._ended.popitem(last=False)
+
+    def _forget_choices(self, request_id: str) -> None:
+        """Drop the record of a request's choices once every one has ended."""
+        choices = self._choices.get(request_id)
+        if choices is not None and all(c.finished for c in choices):
+            del self._choices[request_id]
 
     def _fail(self, requests: list[Request], exc: Exception) -> list[OutputDelta]:
         """End these requests with an error: the request's own fault (a RequestError) or ours."""
@@ -322,6 +442,11 @@ class Engine:
         else:
             code, message = "internal_error", f"internal error: {type(exc).__name__}: {exc}"
         deltas = []
+        # The choices still waiting for a failed request's prompt fail with it.
+        waiting = [choice for req in requests for choice in self._forks.pop(req.request_id, [])]
+        for choice in waiting:
+            choice.status = Status.FINISHED  # never scheduled: nothing to take back from the scheduler
+        requests = requests + waiting
         for req in requests:
             req.finish_reason = "error"
             try:
@@ -333,6 +458,18 @@ class Engine:
         return deltas
 
     # ------------------------------------------------------------------ introspection
+    def model_info(self) -> dict:
+        """What the engine runs: dtype, quantization (scheme, and whether the checkpoint stored it or it
+        was applied on load), tensor-parallel size, and the bytes of rank 0's weights."""
+        model = self.model
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": getattr(model, "quantization", None),
+            "quantization_source": getattr(model, "quantization_source", None),
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        }
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
@@ -358,6 +495,8 @@ class Engine:
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent; nothing to do with one process)."""
+        if self._masker is not None:
+            self._masker.close()
         if self.executor is not None:
             self.runner.release_graphs()
             self.executor.close()

@@ -12,15 +12,16 @@ from pixtral.processing.images import ImagePolicy
 
 
 def chat_prompt(processor, messages: list[dict[str, Any]], policy: ImagePolicy | None = None,
-                max_tokens: int | None = None) -> Prompt:
-    """OpenAI-format messages -> prompt (images loaded under `policy`, decoded and hashed).
+                max_tokens: int | None = None, tools: list | None = None) -> Prompt:
+    """OpenAI-format messages -> prompt (images loaded under `policy`, decoded and hashed; `tools`:
+    mistral-common `Tool`s, in the prompt as the tokenizer version defines).
 
     With `max_tokens` (the context), a text that cannot fit is refused before anything is
     tokenized or decoded (`check_text_length`).
     """
     if max_tokens is not None:
         check_text_length(messages, max_tokens, processor.max_token_bytes)
-    ids, images = processor.encode_chat(messages, policy)
+    ids, images = processor.encode_chat(messages, policy, tools)
     return Prompt(ids, images).with_hashes()
 
 

@@ -64,9 +64,10 @@ class KVCacheManager:
         """The cached blocks the request can start from -> (those blocks, the tokens they hold).
 
         At least one token is left to compute, since its logits pick the next token. No reference is
-        taken: pass the blocks to `allocate`, which takes them only if the rest fits.
+        taken: pass the blocks to `allocate`, which takes them only if the rest fits. A request that
+        asks for prompt logprobs computes its whole prompt: a cached block holds keys and values, not logits.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.prompt_logprobs is not None:
             return [], 0
         hits = self.allocator.lookup(self.block_hashes(request)[: (request.num_tokens - 1) // self.block_size])
         return hits, len(hits) * self.block_size
@@ -104,6 +105,28 @@ class KVCacheManager:
             self._registered[rid] = len(hits)  # found by their hashes, so already registered
         table += [*hits, *self.allocator.allocate(need)]  # in place: this step's chunk holds the list
         return True
+
+    def fork(self, parent: Request, child: Request, num_tokens: int, reserve: int = 0) -> list[tuple[int, int]] | None:
+        """Give `child` the parent's first `num_tokens` tokens (its prompt, computed): the full blocks shared,
+        the partly filled last one as a copy of its own (the two sequences write different tokens after it).
+
+        -> the (source, destination) block copy to make before the child's next step ([] if none), or
+        None, with nothing changed, if the copy would leave fewer than `reserve` blocks free.
+        """
+        full, partial = divmod(num_tokens, self.block_size)
+        table = self._tables[parent.request_id]
+        if partial and self.allocator.num_free - reserve < 1:
+            return None
+        shared = table[:full]
+        self.allocator.share(shared)
+        copies = []
+        if partial:
+            block = self.allocator.allocate(1)[0]
+            copies.append((table[full], block))
+            shared = shared + [block]
+        self._tables[child.request_id] = shared
+        self._registered[child.request_id] = min(full, self._registered.get(parent.request_id, 0))
+        return copies
 
     def free(self, request: Request) -> None:
         """Give back the request's blocks (a preemption, or its end); full ones stay in the prefix cache."""

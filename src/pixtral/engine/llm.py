@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LLM:
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, image_policy: ImagePolicy = LOCAL_POLICY,
-                 **engine_options: Any):
+                 quantization: str | None = None, **engine_options: Any):
         """Load a checkpoint (default: the model shipped with the package) and start an engine.
 
         `engine_options` are `EngineConfig` fields: max_num_seqs, max_num_batched_tokens, prefill_tokens_while_decoding,
@@ -43,6 +43,9 @@ class LLM:
         With `tensor_parallel_size=N` (N > 1) the model is split over N ranks: this process is rank 0
         and starts N - 1 worker processes (one per GPU, cuda:i..cuda:i+N-1 from `device`; on the CPU,
         N processes over gloo). Call `close()` (or use `with LLM(...) as llm:`) to stop them.
+
+        `quantization`: "fp8" or "int8" quantizes the decoder's linear layers of a float checkpoint
+        while it loads; a checkpoint stored quantized (fp8) loads as it is (see docs/quantization.md).
         """
         from pixtral.assets import default_model_dir
         from pixtral.checkpoint import load_model
@@ -57,13 +60,14 @@ class LLM:
             dtype = DTYPES[dtype]
         size = engine_options.get("tensor_parallel_size", 1)
         if size == 1:
-            model = load_model(path, device=device, dtype=dtype)
+            model = load_model(path, device=device, dtype=dtype, quantization=quantization)
             self._setup(model, load_processor(path, image_policy), engine_options)
             return
         from pixtral.engine.executor import TensorParallelExecutor
 
         processor = load_processor(path, image_policy)  # a bad tokenizer fails before any process starts
-        executor = TensorParallelExecutor.start(path, size, device, dtype, EngineConfig(**engine_options))
+        executor = TensorParallelExecutor.start(path, size, device, dtype, EngineConfig(**engine_options),
+                                                quantization=quantization)
         try:
             self._setup(executor.model, processor, engine_options, executor)
         except BaseException:
@@ -118,12 +122,14 @@ class LLM:
 
     def stream_chat(self, conversation: list[dict], params: SamplingParams | None = None, *,
                     image_policy: ImagePolicy | None = None) -> Iterator[OutputDelta]:
-        """One conversation's answer as it is generated: `OutputDelta`s with text, the last one finished."""
+        """One conversation's answer as it is generated: `OutputDelta`s with text (`index`: of which
+        choice), each choice's last one finished."""
         limit = min(self.engine.max_model_len, self.engine.kv_capacity)
         prompt = chat_prompt(self.processor, list(conversation), image_policy, limit)
         params = params or SamplingParams()
         rid = self.engine.add_request(prompt, params)
         self.outputs.add(rid, params)
+        open_choices = params.n
         finished = False
         try:
             while not finished:
@@ -131,8 +137,9 @@ class LLM:
                 for reason, ids in finish.items():
                     self.engine.finish_requests(ids, reason)
                 for delta in deltas:
-                    if delta.request_id == rid:
-                        finished = delta.finished
+                    if delta.owner == rid:
+                        open_choices -= delta.finished
+                        finished = open_choices == 0
                         yield delta
         finally:
             if not finished:
@@ -155,15 +162,15 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 rid = self.engine.add_request(prompt, p)
                 self.outputs.add(rid, p)
-                results[rid] = RequestOutput.start(rid, prompt.token_ids, p.logprobs is not None)
+                results[rid] = RequestOutput.start(rid, prompt.token_ids, p.logprobs is not None, p.n)
                 order.append(rid)
-            pending = len(order)
+            pending = sum(p.n for p in params)  # choices
             while pending:
                 deltas, finish = self.outputs.process(self.engine.step())
                 for reason, ids in finish.items():
                     self.engine.finish_requests(ids, reason)
                 for delta in deltas:
-                    results[delta.request_id].add(delta)
+                    results[delta.owner].add(delta)
                     pending -= delta.finished
         finally:
             for rid in order:

@@ -39,8 +39,10 @@ class StepInput:
     flat batch's tokens. A step of
     prompt tokens also has `slots` (where image features go) and `image_rows`, the feature rows
     that fill them in order, as (image key, first row, end row); `sample_rows` are the rows of the
-    flat batch whose logits are returned. A decode-only step has none of these (no image slot, every
-    row samples).
+    flat batch whose logits are returned, then `prompt_rows` (the prompt logprobs some requests ask
+    for). A decode-only step has none of these (no image slot, every row samples). `block_copies`
+    (source, destination) are KV blocks to copy before the step runs (a request's choices forking
+    off its prompt's last, partly filled block).
     """
 
     chunks: list[Chunk]
@@ -49,6 +51,8 @@ class StepInput:
     slots: np.ndarray | None = None
     image_rows: list[tuple[bytes, int, int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -56,6 +60,7 @@ class ModelRunner:
         self.model, self.cache, self.config = model, cache, config
         self.device = model.device
         self.graphs = None
+        self._copies: list[tuple[int, int]] = []  # KV blocks to copy before the next step (`copy_blocks`)
         on_gpu = self.device.type == "cuda"
         self.varlen_kernel = config.triton_kernels and on_gpu and triton_decode.available(self.device)
         if self.varlen_kernel:  # a kernel that fails to compile or to agree here leaves the SDPA calls in charge
@@ -107,24 +112,34 @@ class ModelRunner:
         return [p.clone() for p in parts] if len(parts) > 1 else list(parts)
 
     # ------------------------------------------------------------------ decoder
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (source, destination) before the next step runs (on every rank: they go with it)."""
+        self._copies += pairs
+
     def forward(self, chunks: list[Chunk], features: dict[bytes, torch.Tensor]) -> torch.Tensor:
-        """Run the step; return float32 logits [number of sampling chunks, vocab], in chunk order."""
+        """Run the step; return float32 logits [number of sampling chunks + prompt-logprob rows, vocab]:
+        first one row per sampling chunk, in chunk order, then each chunk's `prompt_logit_positions`."""
         return self.execute(self.prepare(chunks), features)
 
     def prepare(self, chunks: list[Chunk]) -> StepInput:
         """The step as plain data (what a tensor-parallel driver sends its workers)."""
+        copies, self._copies = self._copies, []
         decode_only = all(c.length == 1 and c.samples and c.start >= c.request.prompt_len for c in chunks)
         if decode_only:
-            return StepInput(chunks, [c.request.token_ids[c.start] for c in chunks], True)
+            return StepInput(chunks, [c.request.token_ids[c.start] for c in chunks], True, block_copies=copies)
         ids = np.concatenate([np.asarray(c.request.token_ids[c.start: c.end], dtype=np.int64) for c in chunks])
         slots, rows = self._image_rows(chunks)
-        ends = np.cumsum([c.length for c in chunks]) - 1
-        sample_rows = [int(e) for c, e in zip(chunks, ends) if c.samples]
-        return StepInput(chunks, ids, False, slots, rows, sample_rows)
+        starts = np.cumsum([0] + [c.length for c in chunks])
+        sample_rows = [int(starts[i + 1]) - 1 for i, c in enumerate(chunks) if c.samples]
+        prompt_rows = [int(starts[i]) + p - c.start for i, c in enumerate(chunks) for p in c.prompt_logit_positions]
+        return StepInput(chunks, ids, False, slots, rows, sample_rows, prompt_rows, copies)
 
     def execute(self, step: StepInput, features: Mapping[bytes, torch.Tensor]) -> torch.Tensor:
         """Run a prepared step: `features` holds the features of every image key it names."""
         chunks = step.chunks
+        for src, dst in step.block_copies:
+            self.cache.k[:, dst] = self.cache.k[:, src]
+            self.cache.v[:, dst] = self.cache.v[:, src]
         if step.decode_only:
             longest = max(c.start + 1 for c in chunks)  # context of the longest row, this token included
             if self.graphs is not None and self.graphs.fits(len(chunks), longest):
@@ -135,7 +150,8 @@ class ModelRunner:
         h = self.model.embed(torch.from_numpy(step.token_ids).to(self.device), rows, slots)
         ctx = PagedAttention(self.cache, chunks, self.device, kernel=self.varlen_kernel)
         hidden = self.model.hidden_states(h, ctx)
-        return self.model.logits(hidden[torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)])
+        rows = torch.tensor(step.sample_rows + step.prompt_rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden[rows])
 
     @staticmethod
     def _image_rows(chunks: list[Chunk]) -> tuple[np.ndarray, list[tuple[bytes, int, int]]]:

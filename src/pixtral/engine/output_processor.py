@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 
 from pixtral.engine.outputs import OutputDelta
+from pixtral.engine.request import child_ids
 from pixtral.generation.params import SamplingParams
 from pixtral.generation.stop import StopStringMatcher
 
@@ -46,15 +47,20 @@ class _Detokenizer:
 class OutputProcessor:
     def __init__(self, processor):
         self.processor = processor  # gives each request a stream decoder (`processor.stream_decoder()`)
-        self._requests: dict[str, _Detokenizer] = {}
+        self._requests: dict[str, _Detokenizer] = {}  # by the engine's ids: one per choice
+        self._choices: dict[str, list[str]] = {}  # a request's choices not finished yet, by the client's id
 
     def add(self, request_id: str, params: SamplingParams) -> None:
-        """Expect outputs for this request (add it before the engine can produce any)."""
-        self._requests[request_id] = _Detokenizer(self.processor.stream_decoder(), params.stop)
+        """Expect outputs for this request, all its choices (add it before the engine can produce any)."""
+        ids = child_ids(request_id, params.n)
+        self._choices[request_id] = ids
+        for cid in ids:
+            self._requests[cid] = _Detokenizer(self.processor.stream_decoder(), params.stop)
 
     def abort(self, request_id: str) -> None:
-        """Forget a request: its client is gone, or the engine never took it."""
-        self._requests.pop(request_id, None)
+        """Forget a request (the client's id: all its choices): its client is gone, or the engine never took it."""
+        for cid in self._choices.pop(request_id, [request_id]):
+            self._requests.pop(cid, None)
 
     def process(self, outputs: list[OutputDelta]) -> tuple[list[OutputDelta], dict[str, list[str]]]:
         """The engine's token-level deltas -> (deltas for the clients, {reason: ids} the engine must finish).
@@ -78,6 +84,7 @@ class OutputProcessor:
                                           error=f"internal error: {type(exc).__name__}: {exc}")
             if out.finished:
                 self._requests.pop(out.request_id, None)  # (an engine thread may have dropped it already)
+                self._forget_choice(out.owner, out.request_id)
                 if out.finish_reason != engine_reason:
                     finish[out.finish_reason].append(out.request_id)
                 if out.metrics is not None and out.metrics.finished_time is None:
@@ -86,6 +93,13 @@ class OutputProcessor:
                 out.metrics = None  # clients get the times with the last delta
             deltas.append(out)
         return deltas, dict(finish)
+
+    def _forget_choice(self, request_id: str, choice_id: str) -> None:
+        left = self._choices.get(request_id)
+        if left is not None and choice_id in left:
+            left.remove(choice_id)
+            if not left:
+                del self._choices[request_id]
 
     @staticmethod
     def _add_text(detok: _Detokenizer, out: OutputDelta) -> None:

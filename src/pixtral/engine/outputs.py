@@ -2,8 +2,9 @@
 
 `Engine.step()` returns token-level `OutputDelta`s (no text yet); the `OutputProcessor` adds the
 text, applies stop strings and hands them to clients. Names follow vLLM: a `RequestOutput` has
-`outputs[0]` (a `CompletionOutput`) with the text, token ids and finish reason, plus the
-prompt's token counts.
+`outputs` (one `CompletionOutput` per choice, `n` of them) with the text, token ids and finish
+reason, plus the prompt's token counts. A delta is one choice's: `index` says which, and
+`request_id` is the engine's id of that choice (`parent_id`, the client's).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class OutputDelta:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice
+    parent_id: str | None = None  # the client's request id (None: `request_id`)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta of a request that asked
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None  # with finish_reason "error": what went wrong
     error_code: str | None = None  # "invalid_request" (the request's fault) or "internal_error"
@@ -51,12 +55,19 @@ class OutputDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def owner(self) -> str:
+        """The client's request id."""
+        return self.parent_id or self.request_id
+
     def extend(self, later: "OutputDelta") -> None:
         """Take in the request's next delta (not an error one): as if both had come in one step."""
         self.text += later.text
         self.token_ids += later.token_ids
         if self.logprobs is not None and later.logprobs is not None:
             self.logprobs += later.logprobs
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
         for name in ("finish_reason", "num_prompt_tokens", "num_image_tokens", "num_cached_tokens",
                      "num_generated_tokens", "metrics"):
             setattr(self, name, getattr(later, name))
@@ -79,29 +90,35 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
     num_cached_tokens: int = 0
-    num_generated_tokens: int = 0
-    finished: bool = False
+    num_generated_tokens: int = 0  # of every choice together (the prompt counts once, as OpenAI's usage)
+    finished: bool = False  # every choice finished, or one failed
     error: str | None = None
     error_code: str | None = None
     metrics: RequestMetrics | None = None  # once finished
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for: one per prompt token, the first None
+    _generated: list[int] = field(default_factory=list, repr=False)  # per choice
 
     @classmethod
-    def start(cls, request_id: str, prompt_token_ids: list[int], want_logprobs: bool) -> "RequestOutput":
-        completion = CompletionOutput(logprobs=[] if want_logprobs else None)
-        return cls(request_id, list(prompt_token_ids), [completion], num_prompt_tokens=len(prompt_token_ids))
+    def start(cls, request_id: str, prompt_token_ids: list[int], want_logprobs: bool, n: int = 1) -> "RequestOutput":
+        outputs = [CompletionOutput(index=i, logprobs=[] if want_logprobs else None) for i in range(n)]
+        return cls(request_id, list(prompt_token_ids), outputs, num_prompt_tokens=len(prompt_token_ids),
+                   _generated=[0] * n)
 
     def add(self, delta: OutputDelta) -> None:
-        out = self.outputs[0]
+        out = self.outputs[delta.index]
         out.text += delta.text
         out.token_ids += delta.token_ids
         if delta.logprobs and out.logprobs is not None:
             out.logprobs += delta.logprobs
         out.finish_reason = delta.finish_reason
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.num_image_tokens = delta.num_image_tokens
         self.num_cached_tokens = delta.num_cached_tokens
-        self.num_generated_tokens = delta.num_generated_tokens
-        self.finished = delta.finished
-        self.error = delta.error
-        self.error_code = delta.error_code
+        self._generated[delta.index] = delta.num_generated_tokens
+        self.num_generated_tokens = sum(self._generated)
+        if delta.error is not None:  # one failed choice fails the request
+            self.error, self.error_code = delta.error, delta.error_code
+        self.finished = self.error is not None or all(o.finish_reason is not None for o in self.outputs)
         if delta.metrics is not None:
             self.metrics = delta.metrics

@@ -45,12 +45,25 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+def child_ids(request_id: str, n: int) -> list[str]:
+    """The engine's ids of a request's n choices (the request's own id when there is one, as vLLM)."""
+    return [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+
+
+def child_seed(seed: int, index: int) -> int:
+    """Choice `index`'s seed: the request's own for the first, then distinct, reproducible ones."""
+    return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) % 2**64  # golden-ratio step: well spread
+
+
 class Request:
     def __init__(self, request_id: str, prompt: Prompt, params: SamplingParams, *, max_new_tokens: int,
                  image_token_id: int | None, image_token_counts: list[int], stop_ids: set[int],
-                 image_related_ids: set[int] = frozenset()):
+                 image_related_ids: set[int] = frozenset(), parent_id: str | None = None, index: int = 0,
+                 matcher=None):
         prompt.with_hashes()
         self.request_id = request_id
+        self.parent_id = parent_id or request_id  # the id the client knows
+        self.index = index  # which choice this is, of the parent's n
         self.params = params
         self.prompt_len = len(prompt.token_ids)
         self.token_ids: list[int] = list(prompt.token_ids)  # prompt, then generated tokens
@@ -78,8 +91,14 @@ class Request:
 
         # Output state.
         self.num_generated = 0  # tokens sampled, including a stop token that is not returned
-        self.generator = make_generator(params.seed) if params.seed is not None and not params.greedy else None
+        self.generator = (make_generator(child_seed(params.seed, index))
+                          if params.seed is not None and not params.greedy else None)
         self.finish_reason: str | None = None
+        self.matcher = matcher  # llguidance's state of the output's grammar (None: unconstrained)
+        # Logprob of each prompt token (the first has none), filled as the prompt's chunks run; by the first
+        # choice only (the others share its prompt).
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] * self.prompt_len if params.prompt_logprobs is not None and index == 0 else None)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -123,13 +142,15 @@ class Request:
         return mask
 
     # ------------------------------------------------------------------ outputs
-    def append_token(self, token: int, logprob: TokenLogprob | None) -> OutputDelta:
-        """Take a sampled token: stop ids and max_tokens decide whether we are done (stop strings are
-        matched on the text, by the output processor)."""
+    def append_token(self, token: int, logprob: TokenLogprob | None, complete: bool = False) -> OutputDelta:
+        """Take a sampled token: stop ids, max_tokens and a completed grammar (`complete`) decide whether
+        we are done (stop strings are matched on the text, by the output processor)."""
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.monotonic()
         self.num_generated += 1
         delta = OutputDelta(self.request_id, logprobs=[] if self.params.logprobs is not None else None)
+        if self.num_generated == 1:  # the prompt is done: its logprobs go out once, with the first token
+            delta.prompt_logprobs = self.prompt_logprobs
         if token in self.stop_ids:
             self.finish_reason = "stop"  # the stop token itself is not returned
         else:
@@ -137,13 +158,16 @@ class Request:
             delta.token_ids.append(token)
             if delta.logprobs is not None and logprob is not None:
                 delta.logprobs.append(logprob)
-            if self.num_generated >= self.max_new_tokens:
+            if complete:  # nothing may follow: the answer is whole
+                self.finish_reason = "stop"
+            elif self.num_generated >= self.max_new_tokens:
                 self.finish_reason = "length"
         return self.fill(delta)
 
     def fill(self, delta: OutputDelta) -> OutputDelta:
         """Counts, finish reason and times so far (the request's own record: copy it to change it)."""
         delta.finish_reason = self.finish_reason
+        delta.parent_id, delta.index = self.parent_id, self.index
         delta.num_prompt_tokens = self.prompt_len
         delta.num_image_tokens = self.num_image_tokens
         delta.num_cached_tokens = self.num_cached_tokens or 0

@@ -25,6 +25,11 @@ from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache_manager import KVCacheManager
 from pixtral.engine.request import Request, Status
 
+# Prompt tokens a step computes of a request that asks for prompt logprobs: each returns a row of
+# logits (0.5 MB at a 131072-token vocabulary, twice with its log-softmax), beyond what the engine
+# reserves memory for, so such a prompt runs in chunks of at most this many.
+PROMPT_LOGPROBS_CHUNK = 512
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
@@ -39,6 +44,19 @@ class Scheduler:
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
         self.waiting.append(request)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether one more sequence may run now."""
+        return len(self.running) < self.config.max_num_seqs
+
+    def add_forked(self, request: Request, num_computed_tokens: int) -> None:
+        """Run a request whose first tokens are computed already (a choice forked off its prompt, when
+        `has_room`: the KV-cache manager gave it blocks)."""
+        request.num_computed_tokens = num_computed_tokens
+        request.metrics.first_scheduled_time = time.monotonic()
+        request.status = Status.RUNNING
+        self.running.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -57,6 +75,7 @@ class Scheduler:
             decode = req.remaining == 1
             pending_decodes -= decode
             n = min(req.remaining, budget if decode else min(budget - pending_decodes, prompt_budget))
+            n = self._cap(req, n)
             if n <= 0:
                 i += 1
                 continue
@@ -76,6 +95,10 @@ class Scheduler:
             self._admit(chunks, min(budget, prompt_budget))
         return chunks
 
+    @staticmethod
+    def _cap(req: Request, n: int) -> int:
+        return min(n, PROMPT_LOGPROBS_CHUNK) if req.prompt_logprobs is not None else n
+
     def _chunk(self, req: Request, n: int) -> Chunk:
         return Chunk(req.num_computed_tokens, n, self.kv.block_table(req.request_id), req)
 
@@ -84,7 +107,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, computed = self.kv.computed_prefix(req)
-            n = min(req.num_tokens - computed, budget)
+            n = self._cap(req, min(req.num_tokens - computed, budget))
             if not self.kv.allocate(req, computed + n, hits, reserve=self.watermark if self.running else 0):
                 break
             req.num_computed_tokens = computed

@@ -12,6 +12,7 @@ import torch
 
 from pixtral.errors import ContextLengthError
 from pixtral.generation.kv_cache import KVCache
+from pixtral.generation.logits_processors import RowState, process_logits
 from pixtral.generation.params import SamplingParams
 from pixtral.generation.sampling import make_generator, sample, stop_token_ids
 from pixtral.generation.stop import StopStringMatcher
@@ -57,11 +58,16 @@ def generate_ids(model, ids: list[int], images: list[torch.Tensor], params: Samp
     features = model.encode_images(images) if images else None
     h = model.embed(torch.tensor(ids, device=device), features)
     logits = model.logits(model.hidden_states(h, cache.step(len(ids)))[-1])
+    sequence = list(ids)  # the prompt, then the generated tokens (what penalties count)
     for i in range(max_new):
-        token = sample(logits.cpu(), params, generator)
+        row = logits.cpu()
+        if params.processes_logits:
+            row = process_logits(row[None], [RowState(params, sequence, len(ids), stop_ids)])[0]
+        token = sample(row, params, generator)
         yield token, logits
         if token in stop_ids or i == max_new - 1:
             return
+        sequence.append(token)
         # A generated token is plain text to the model, even if it happens to be [IMG].
         h = model.tok_embeddings(torch.tensor([token], device=device))
         logits = model.logits(model.hidden_states(h, cache.step(1))[-1])

@@ -1,10 +1,11 @@
-"""Pick the next token from logits: greedy, or temperature with top-k / top-p; and which tokens stop.
+"""Pick the next token from logits: greedy, or temperature with min-p / top-k / top-p; and which tokens stop.
 
 One filter for every path: the engine filters many rows at once with `batched_probs`, and the
 one-row reference loop calls the same function on a batch of one. The filter is safe for every
 value `SamplingParams` accepts: a temperature below `GREEDY_TEMPERATURE` means greedy (dividing
 by it would overflow float32 logits), top-k is clamped to the vocabulary, and top-p always keeps
 the most likely token (a tiny top_p rounds to 0 in float32, which would otherwise drop them all).
+Penalties and logit_bias are applied to the logits before any of this (`logits_processors`).
 """
 
 from __future__ import annotations
@@ -36,20 +37,26 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def parameter_tensors(params: list[SamplingParams], vocab: int, device: torch.device | str
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Temperature, top-k and top-p of each row as tensors, with top_k clamped to the vocabulary
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p and min-p of each row as tensors, with top_k clamped to the vocabulary
     (the API accepts any integer, and torch.tensor overflows past 2**63)."""
     return (torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32),  # 1e308: inf
             torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long),
-            torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32))
+            torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], device=device, dtype=torch.float32))
 
 
 def batched_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
-    """Rows of logits [B, V] -> probabilities: softmax(logits / temperature) within top-k and top-p."""
+                  top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of logits [B, V] -> probabilities: softmax(logits / temperature) within min-p, top-k and top-p
+    (in that order, as vLLM)."""
     temperature = temperature.float().clamp(min=GREEDY_TEMPERATURE, max=FLOAT32_MAX)
     logits = logits.float() / temperature[:, None]
     vocab = logits.shape[-1]
+    if min_p is not None and bool((min_p > 0).any()):
+        # p < min_p * p_max, in log space: logit < max logit + log(min_p) (log 0 = -inf drops nothing).
+        floor = logits.amax(dim=-1, keepdim=True) + torch.log(min_p.float())[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     use_k = (top_k > 0) & (top_k < vocab)
     use_p = top_p < 1.0
     if not bool(use_k.any() or use_p.any()):
@@ -74,8 +81,7 @@ def batched_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row of logits [V] -> probabilities, by the batched filter."""
-    t, k, p = parameter_tensors([params], logits.shape[-1], logits.device)
-    return batched_probs(logits[None], t, k, p)[0]
+    return batched_probs(logits[None], *parameter_tensors([params], logits.shape[-1], logits.device))[0]
 
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +102,7 @@ def finite_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One row of logits [V], already processed (`logits_processors.process_logits`) -> a token."""
     token, finite = greedy(logits[None])
     if not bool(finite[0]):
         raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) for this sequence")

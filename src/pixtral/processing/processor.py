@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import codecs
 import functools
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
@@ -73,10 +76,11 @@ class Processor:
         return {"img": ids.img, "img_break": ids.img_break, "img_end": ids.img_end}
 
     # ------------------------------------------------------------------ encoding
-    def encode_chat(self, messages: list[dict[str, Any]], policy: ImagePolicy | None = None
-                    ) -> tuple[list[int], list[torch.Tensor]]:
-        """OpenAI-format messages -> (token ids ending with [/INST], image tensors [3, H, W])."""
-        return self.encode_converted(self.convert_messages(messages, policy))
+    def encode_chat(self, messages: list[dict[str, Any]], policy: ImagePolicy | None = None,
+                    tools: list[Tool] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """OpenAI-format messages -> (token ids ending with [/INST] or [/TOOL_RESULTS], image tensors
+        [3, H, W]); `tools` go in the prompt as the tokenizer version defines."""
+        return self.encode_converted(self.convert_messages(messages, policy), tools)
 
     def convert_messages(self, messages: list[dict[str, Any]], policy: ImagePolicy | None = None) -> list:
         """OpenAI-format messages -> mistral-common messages, images loaded. Encode a prefix of the
@@ -87,8 +91,9 @@ class Processor:
             raise RequestError("'messages' must be a non-empty list")
         return [self._convert_message(i, m, policy) for i, m in enumerate(messages)]
 
-    def encode_converted(self, converted: list) -> tuple[list[int], list[torch.Tensor]]:
-        request = self._request(converted)
+    def encode_converted(self, converted: list, tools: list[Tool] | None = None
+                         ) -> tuple[list[int], list[torch.Tensor]]:
+        request = self._request(converted, tools)
         try:
             tokenized = self.tokenizer.encode_chat_completion(request)
         except (MistralCommonException, ValueError, AssertionError) as exc:
@@ -99,13 +104,13 @@ class Processor:
         return self._request(self.convert_messages(messages, policy))
 
     @staticmethod
-    def _request(converted: list) -> ChatCompletionRequest:
+    def _request(converted: list, tools: list[Tool] | None = None) -> ChatCompletionRequest:
         if not converted:
             raise RequestError("'messages' must be a non-empty list")
-        if not isinstance(converted[-1], UserMessage):
-            raise RequestError("the last message must be from the user (the model answers it)")
+        if not isinstance(converted[-1], (UserMessage, ToolMessage)):
+            raise RequestError("the last message must be from the user or a tool (the model answers it)")
         try:
-            return ChatCompletionRequest(messages=converted)
+            return ChatCompletionRequest(messages=converted, tools=tools or None)
         except (MistralCommonException, ValueError) as exc:
             raise RequestError(f"invalid conversation: {exc}") from None
 
@@ -119,11 +124,17 @@ class Processor:
             return SystemMessage(content=self._text_only(content, where))
         if role == "assistant":
             if message.get("tool_calls"):
-                raise RequestError(f"{where}: tool calls are not supported")
+                text = self._text_only(content, where) if content else None
+                return AssistantMessage(content=text or None, tool_calls=_tool_calls(message["tool_calls"], where))
             return AssistantMessage(content=self._text_only(content, where))
         if role == "user":
             return UserMessage(content=self._user_content(content, where, policy))
-        raise RequestError(f"{where}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise RequestError(f"{where}.tool_call_id: a tool message needs the id of the call it answers")
+            return ToolMessage(content=self._text_only(content, where), tool_call_id=mistral_call_id(call_id))
+        raise RequestError(f"{where}: unknown role {role!r} (expected 'system', 'user', 'assistant' or 'tool')")
 
     @staticmethod
     def _text_only(content: Any, where: str) -> str:
@@ -215,6 +226,44 @@ class Processor:
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+
+
+def mistral_call_id(call_id: str) -> str:
+    """A tool call id as Mistral's tokenizers require (9 letters or digits): ours pass as they are, others
+    (another provider's "call_...") map to a stable one, the same in the call and in the tool's answer."""
+    if _CALL_ID.match(call_id):
+        return call_id
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return "".join(alphabet[(digest >> (6 * i)) % 62] for i in range(9))
+
+
+def _tool_calls(calls: Any, where: str) -> list[ToolCall]:
+    """An assistant message's OpenAI `tool_calls` -> mistral-common's (arguments: a JSON object, as text)."""
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{here}: a tool call needs 'function': {{'name': ..., 'arguments': ...}}")
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise RequestError(f"{here}.function.arguments must be a JSON object, as a string")
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise RequestError(f"{here}.id: a tool call needs an id")
+        out.append(ToolCall(id=mistral_call_id(call_id), function=FunctionCall(name=function["name"],
+                                                                                 arguments=arguments)))
+    return out
 
 
 class StreamDecoder:

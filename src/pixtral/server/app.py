@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes in front of an `AsyncEngine`.
 
     POST /v1/chat/completions   chat, streamed (SSE) or not, with images as data: URIs
+    POST /v1/completions        raw text prompts (OpenAI's legacy API: echo, logprobs; see `completions`)
     GET  /v1/models             the one served model
     GET  /health                200 once the model is loaded, 503 before
     GET  /metrics               Prometheus text (see `metrics`)
+    GET  /, /web/...            the web chat page (see `pixtral.server.web`), unless web_page is off
 
 Every error is OpenAI's JSON error shape with a status that says whose fault it is. The body
 is parsed here, not by FastAPI, so that size limits, invalid JSON and invalid fields each get
@@ -32,7 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,8 +43,10 @@ from pixtral.engine.inputs import chat_prompt, check_text_length
 from pixtral.engine.outputs import RequestOutput
 from pixtral.errors import PixtralError
 from pixtral.processing.images import SERVER_POLICY, ImagePolicy
+from pixtral.server import completions
 from pixtral.server.errors import APIError, encodable, error_body, from_pixtral_error
 from pixtral.server.metrics import CONTENT_TYPE, ServerMetrics
+from pixtral.server.structured import ChatConstraints, ToolCallStream, chat_constraints
 from pixtral.server.protocol import (ChatCompletionRequest, ResponseMeta, chunk, completion_response, count_images,
                                      logprobs_content, model_card, usage_chunk)
 
@@ -57,6 +61,7 @@ class ServerConfig:
     max_images_per_request: int = 64
     max_request_bytes: int = 100 * 2**20
     body_timeout_s: float = 60.0  # to send the whole request body
+    web_page: bool = True  # the chat page at /
 
 
 class ServerState:
@@ -147,7 +152,8 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
     async def models(request: Request) -> JSONResponse:
         check_auth(request)
         engine = state.engine
-        card = model_card(config.model_name, engine.max_model_len if engine is not None else None)
+        card = model_card(config.model_name, engine.max_model_len if engine is not None else None,
+                          engine.model_info() if engine is not None else None)
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/chat/completions")
@@ -164,17 +170,18 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
             raise APIError(400, f"the request has {n_images} images, over the limit of "
                                 f"{config.max_images_per_request} per request", code="too_many_images",
                            param="messages")
+        constraints = await chat_constraints(req, engine.processor)  # compiled in the thread pool
         try:
-            params = req.sampling_params()
+            params = req.sampling_params(constraints.output)
         except PixtralError as exc:
             raise from_pixtral_error(exc) from None
         try:
             check_text_length(req.messages, engine.max_model_len, engine.processor.max_token_bytes)
+            encode = (chat_prompt, engine.processor, req.messages, config.image_policy, None, constraints.prompt_tools)
             if n_images:
-                prompt = await asyncio.get_running_loop().run_in_executor(
-                    image_pool, chat_prompt, engine.processor, req.messages, config.image_policy)
+                prompt = await asyncio.get_running_loop().run_in_executor(image_pool, *encode)
             else:
-                prompt = await run_in_threadpool(chat_prompt, engine.processor, req.messages, config.image_policy)
+                prompt = await run_in_threadpool(*encode)
         except PixtralError as exc:
             raise from_pixtral_error(exc, param="messages") from None
         try:
@@ -184,7 +191,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         meta = ResponseMeta(config.model_name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(stream, meta, include_usage, engine.processor, metrics),
+            return StreamingResponse(sse(stream, meta, include_usage, engine.processor, metrics, constraints),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         out = await result_unless_disconnected(request, stream)
         if out is None:
@@ -194,7 +201,61 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         if out.error:
             raise APIError(400 if out.error_code == "invalid_request" else 500, out.error,
                            code=out.error_code or "internal_error")
-        return JSONResponse(completion_response(meta, out, engine.processor))
+        return JSONResponse(completion_response(meta, out, engine.processor, constraints))
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request) -> Response:
+        check_auth(request)
+        engine = state.require_engine()
+        req = parse_request(await read_json(request, config.max_request_bytes, config.body_timeout_s),
+                            completions.CompletionRequest)
+        if req.model != config.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
+                           code="model_not_found", param="model")
+        req.unsupported()
+        prompts = req.prompts()
+        try:
+            params = req.sampling_params()
+        except PixtralError as exc:
+            raise from_pixtral_error(exc) from None
+        streams: list[RequestStream] = []
+        try:
+            for prompt in prompts:
+                encoded = await run_in_threadpool(completions.encode_prompt, engine.processor, prompt,
+                                                  engine.max_model_len)
+                streams.append(engine.submit(encoded, params))
+        except PixtralError as exc:
+            for stream in streams:
+                stream.abort()
+            raise from_pixtral_error(exc, param="prompt") from None
+        meta = ResponseMeta(config.model_name, prefix="cmpl")
+        if req.stream:
+            return StreamingResponse(completions.sse(streams, meta, req, prompts, engine.processor, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        outs = await results_unless_disconnected(request, streams)
+        if outs is None:
+            return Response(status_code=499)
+        for out in outs:
+            metrics.observe_finished(out)
+        failed = next((out for out in outs if out.error), None)
+        if failed is not None:
+            raise APIError(400 if failed.error_code == "invalid_request" else 500, failed.error,
+                           code=failed.error_code or "internal_error")
+        return JSONResponse(completions.response(meta, req, prompts, outs, engine.processor))
+
+    if config.web_page:
+        from pixtral.server.web import add_web_routes, max_image_size
+
+        def web_config(request: Request) -> dict[str, Any]:
+            check_auth(request)
+            engine = state.require_engine()  # 503 while loading: the page retries
+            return {"model": config.model_name, "max_model_len": engine.max_model_len,
+                    "max_image_size": max_image_size(engine.processor),
+                    "max_image_pixels": config.image_policy.max_pixels,
+                    "max_image_bytes": config.image_policy.max_bytes,
+                    "max_images_per_request": config.max_images_per_request}
+
+        add_web_routes(app, web_config)
 
     return app
 
@@ -260,9 +321,9 @@ def find_surrogate(value: Any, path: str = "") -> str | None:
     return None
 
 
-def parse_request(body: dict[str, Any]) -> ChatCompletionRequest:
+def parse_request(body: dict[str, Any], kind: type[BaseModel] = ChatCompletionRequest) -> Any:
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return kind.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         # The path to the bad field, without pydantic's union-member tags ("str", "list[str]").
@@ -280,26 +341,39 @@ def event(data: dict[str, Any]) -> str:
 
 
 async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, processor,
-              metrics: ServerMetrics) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE]."""
+              metrics: ServerMetrics, constraints: ChatConstraints | None = None) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: role, content pieces (or tool calls, see
+    `ToolCallStream`), finish reason (each choice's chunks carry its `index`), [usage of every choice], [DONE]."""
+    calls = ([ToolCallStream(constraints) for _ in range(stream.params.n)]
+             if constraints is not None and constraints.parses_calls else None)
     try:
-        yield event(chunk(meta, {"role": "assistant", "content": ""}))
-        last = None
+        for index in range(stream.params.n):
+            yield event(chunk(meta, {"role": "assistant", "content": ""}, index=index))
+        total = RequestOutput.start(stream.request_id, stream.prompt.token_ids, False, stream.params.n)
         async for delta in stream:
-            last = delta
-            if delta.finished:
-                metrics.observe_finished(delta)
+            total.add(delta)
+            if total.finished:  # every choice (once: the stream ends with it)
+                metrics.observe_finished(total)
             if delta.error:
                 status = 400 if delta.error_code == "invalid_request" else 500
                 yield event(error_body(status, delta.error, code=delta.error_code or "internal_error"))
                 break
-            if delta.text or delta.logprobs:
-                logprobs = {"content": logprobs_content(processor, delta.logprobs)} if delta.logprobs else None
-                yield event(chunk(meta, {"content": delta.text}, logprobs=logprobs))
+            finish_reason = delta.finish_reason
+            logprobs = {"content": logprobs_content(processor, delta.logprobs)} if delta.logprobs else None
+            if calls is not None:  # text as it comes, or tool calls once the choice ends
+                pieces = calls[delta.index].push(delta.token_ids, delta.text)
+                if delta.finished:
+                    more, finish_reason = calls[delta.index].finish(delta.finish_reason)
+                    pieces += more
+                for piece in pieces:
+                    yield event(chunk(meta, piece, logprobs=logprobs if "content" in piece else None,
+                                      index=delta.index))
+            elif delta.text or delta.logprobs:
+                yield event(chunk(meta, {"content": delta.text}, logprobs=logprobs, index=delta.index))
             if delta.finished:
-                yield event(chunk(meta, {}, finish_reason=delta.finish_reason))
-        if include_usage and last is not None and not last.error:
-            yield event(usage_chunk(meta, last))
+                yield event(chunk(meta, {}, finish_reason=finish_reason, index=delta.index))
+        if include_usage and total.finished and not total.error:
+            yield event(usage_chunk(meta, total))
         yield "data: [DONE]\n\n"
     except PixtralError as exc:  # the engine stopped under us
         api = from_pixtral_error(exc)
@@ -311,7 +385,13 @@ async def sse(stream: RequestStream, meta: ResponseMeta, include_usage: bool, pr
 
 async def result_unless_disconnected(request: Request, stream: RequestStream) -> RequestOutput | None:
     """Wait for the whole answer, but give up (and abort the request) if the client disconnects."""
-    task = asyncio.ensure_future(stream.result())
+    outs = await results_unless_disconnected(request, [stream])
+    return None if outs is None else outs[0]
+
+
+async def results_unless_disconnected(request: Request, streams: list[RequestStream]) -> list[RequestOutput] | None:
+    """Wait for every stream's whole answer, but give up (and abort them all) if the client disconnects."""
+    task = asyncio.ensure_future(asyncio.gather(*(stream.result() for stream in streams)))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -324,4 +404,5 @@ async def result_unless_disconnected(request: Request, stream: RequestStream) ->
     finally:
         if not task.done():
             task.cancel()
-        stream.abort()
+        for stream in streams:
+            stream.abort()

@@ -54,7 +54,7 @@ def from_pixtral_error(exc: Exception, param: str | None = None) -> APIError:
 
     message = str(exc)
     if isinstance(exc, ContextLengthError):
-        return APIError(400, message, code="context_length_exceeded", param="messages")
+        return APIError(400, message, code="context_length_exceeded", param=param or "messages")
     if isinstance(exc, ImageError):
         if isinstance(exc, ImageTooLargeError):
             return APIError(413, message, code="image_too_large", param="messages")
