@@ -21,10 +21,15 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-import llguidance as llg
-from mistral_common.guidance.tokenizer import from_mistral_tokenizer
-
 from pixtral.errors import RequestError
+
+try:  # only structured outputs need it: everything else runs without it (e.g. an older environment)
+    import llguidance as llg
+except ImportError:
+    llg = None
+
+MISSING = ("structured outputs (response_format, tools) need llguidance and mistral-common >= 1.13, whose "
+           "Tekken bridge needs Python >= 3.11: pip install 'llguidance>=1.3' 'mistral-common>=1.13'")
 
 MAX_GRAMMAR_BYTES = 64 * 1024  # a schema (or grammar) as JSON text; OpenAI's own limit is of this order
 # Tighter than llguidance's defaults (fuel 1M / 200k, grammar size 500k): a compile stays within tens of
@@ -40,6 +45,12 @@ _tokenizers_lock = threading.Lock()
 
 def grammar_tokenizer(processor) -> llg.LLTokenizer:
     """llguidance's view of the processor's tokenizer, built once per processor (about 0.6 s for 131k tokens)."""
+    try:
+        from mistral_common.guidance.tokenizer import from_mistral_tokenizer
+    except ImportError:
+        from_mistral_tokenizer = None
+    if llg is None or from_mistral_tokenizer is None:
+        raise RequestError(MISSING)
     with _tokenizers_lock:
         tok = _tokenizers.get(processor)
         if tok is None:
@@ -101,6 +112,8 @@ class StructuredOutput:
     def check(self) -> None:
         """Raise RequestError naming `where` if the grammar is invalid or over a limit (no tokenizer needed:
         tool definitions are checked this way whether or not a call is forced)."""
+        if llg is None:
+            raise RequestError(MISSING)
         error = llg.LLMatcher.validate_grammar(self.grammar_text(), None, limits=llg.LLParserLimits(**LIMITS))
         if error:
             raise RequestError(f"'{self.where}' cannot be used: {_short(error)}")
@@ -108,6 +121,8 @@ class StructuredOutput:
     def compile(self, tokenizer: llg.LLTokenizer) -> Grammar:
         """The compiled grammar (compiled on the first call, then kept). Raises RequestError naming
         `where` when the grammar is invalid, uses a feature llguidance does not support, or is over a limit."""
+        if llg is None:
+            raise RequestError(MISSING)
         if self._compiled is not None and self._compiled[0] is tokenizer:
             return self._compiled[1]
         matcher = llg.LLMatcher(tokenizer, self.grammar_text(), log_level=0, limits=llg.LLParserLimits(**LIMITS))

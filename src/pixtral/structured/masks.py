@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import llguidance as llg
-import llguidance.torch as llgt
 import numpy as np
 import torch
 
 from pixtral.errors import RequestError
+
+try:  # present whenever a grammar could be compiled (`grammar.MISSING` otherwise)
+    import llguidance as llg
+    import llguidance.torch as llgt
+except ImportError:
+    llg = llgt = None
 
 
 class MaskBatch:
