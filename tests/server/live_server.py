@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,14 +43,38 @@ class LiveServer:
         self.thread.join(10)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(*args: str):
+    """`pixtral serve ARGS... --port P` as a process (stdout and stderr in `proc.stdout`), healthy;
+    yields (url, proc); terminated (then killed) at the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pixtral.cli.main", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_healthy(url, proc), proc.stdout.read() if proc.poll() is not None else "the server did not start"
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServeProcess:
     """`pixtral serve --model CHECKPOINT ARGS...` as a real process on a free port, healthy once
     constructed (else the test fails with its log); `client` is the official openai client for it."""
 
     def __init__(self, checkpoint: Path, log: Path, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "w") as out:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from live_server import wait_healthy
+from live_server import free_port, serve_process
 from PIL import Image
 
 from pixtral.server.connections import LoopErrorLog
@@ -32,29 +32,10 @@ BYTES_PER_PIXEL = 25  # the bound docs/serving.md gives (measured: 19 for RGB PN
 PIXEL_BUDGET = 25_000_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve(model_dir, *options: str):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pixtral.cli.main", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--served-model-name", "tiny", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_healthy(url, proc), proc.stdout.read() if proc.poll() is not None else "the server did not start"
+    with serve_process("--model", str(model_dir), "--served-model-name", "tiny", *options) as (url, proc):
         yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -23,7 +23,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import metrics, wait_healthy
+from live_server import metrics, serve_process, wait_healthy
 from PIL import Image
 
 from pixtral.server.web import CSP
@@ -48,29 +47,11 @@ DESKTOP = {"width": 1000, "height": 700}
 
 
 # ---------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def pixtral_serve(*options: str):
     """`pixtral serve` on the default model (no --model), as a process; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pixtral.cli.main", "serve", "--port", str(port), *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_healthy(url, proc), proc.stdout.read() if proc.poll() is not None else "the server did not start"
+    with serve_process(*options) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
