@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +25,7 @@ def run_ranks(worker: Path, job: Path, out_dir: Path, size: int, timeout_s: floa
         port = s.getsockname()[1]
     procs, logs = [], []
     for rank in range(size):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "RANK": str(rank),
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}", "RANK": str(rank),
                "WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         log = out_dir / f"rank{rank}.log"
         logs.append(log)
@@ -45,3 +46,18 @@ def run_ranks(worker: Path, job: Path, out_dir: Path, size: int, timeout_s: floa
     for rank, p in enumerate(procs):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank].read_text()[-4000:]}"
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(size)]
+
+
+def serve_as_rank(work) -> None:
+    """The body of a worker script that `run_ranks` starts (`python worker JOB OUT_DIR`): join the gloo
+    group from the environment torchrun would set, run `work(job, rank, size)` on JOB's contents and
+    save what it returns to OUT_DIR/rank{r}.pt."""
+    job_file, out_dir = sys.argv[1:3]
+    torch.set_num_threads(1)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        result = work(torch.load(job_file, weights_only=False), rank, size)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

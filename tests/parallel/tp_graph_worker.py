@@ -8,15 +8,13 @@ usage: python tp_graph_worker.py JOB.pt OUT_DIR   (JOB.pt: {"checkpoint": path})
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
-import torch.distributed as dist
 
 from pixtral.engine.attention import PagedAttention
 from pixtral.engine.chunk import Chunk
 from pixtral.engine.kv_cache import PagedKVCache
+
+from tests.parallel.ranks import serve_as_rank  # run_ranks puts the repository on the path
 
 BLOCK = 16
 PROMPTS = [7, 20, 33, 3, 50]  # prompt lengths: block tables of 1 to 4 blocks
@@ -73,19 +71,12 @@ def decode_run(model, graphs: bool) -> dict:
     return out
 
 
-def main(job_file: str, out_dir: str) -> None:
+def work(job: dict, rank: int, size: int):
     from pixtral.parallel import load_tp_model
 
-    torch.set_num_threads(1)
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        job = torch.load(job_file, weights_only=False)
-        model = load_tp_model(job["checkpoint"], dtype=torch.float32)
-        torch.save(decode_run(model, graphs=True), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = load_tp_model(job["checkpoint"], dtype=torch.float32)
+    return decode_run(model, graphs=True)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    serve_as_rank(work)

@@ -8,32 +8,23 @@ JOB.pt: {"checkpoints": {name: (path, quantization)}, "prompts": {name: {prompt:
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
-import torch.distributed as dist
 
 from pixtral.parallel import load_tp_model
 
+from tests.parallel.ranks import serve_as_rank  # run_ranks puts the repository on the path
 
-def main(job_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        job = torch.load(job_file, weights_only=False)
-        out = {}
-        for name, (path, quantization) in job["checkpoints"].items():
-            model = load_tp_model(path, dtype=torch.float32, quantization=quantization)
-            with torch.inference_mode():
-                out[name] = {"logits": {p: model(ids, images) for p, (ids, images) in job["prompts"][name].items()},
-                             "quantization": (model.quantization, model.quantization_source),
-                             "read_shapes": model.tensor_parallel.read_shapes}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+
+def work(job: dict, rank: int, size: int):
+    out = {}
+    for name, (path, quantization) in job["checkpoints"].items():
+        model = load_tp_model(path, dtype=torch.float32, quantization=quantization)
+        with torch.inference_mode():
+            out[name] = {"logits": {p: model(ids, images) for p, (ids, images) in job["prompts"][name].items()},
+                         "quantization": (model.quantization, model.quantization_source),
+                         "read_shapes": model.tensor_parallel.read_shapes}
+    return out
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    serve_as_rank(work)

@@ -9,39 +9,30 @@ JOB.pt: {"args": ModelArgs, "state": state_dict, "ids": LongTensor [L], "schemes
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
-import torch.distributed as dist
 
 from pixtral.model.pixtral import Pixtral
 from pixtral.parallel.tensor_parallel import RowParallel, shard_model
 from pixtral.quant import quantize_linears
 
+from tests.parallel.ranks import serve_as_rank  # run_ranks puts the repository on the path
 
-def main(job_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        job = torch.load(job_file, weights_only=False)
-        out = {}
-        for scheme in job["schemes"]:
-            model = Pixtral(job["args"])
-            model.load_state_dict(job["state"])
-            model.eval().requires_grad_(False)
-            shard_model(model, rank, size, spread_images=False)
-            names = quantize_linears(model, scheme)
-            wo = model.layers[0].attention.wo
-            with torch.inference_mode():
-                out[scheme] = {"logits": model(job["ids"]), "names": names,
-                               "wo": (type(wo).__name__, type(wo.inner).__name__ if isinstance(wo, RowParallel) else None),
-                               "params": sorted(n for n, _ in model.named_parameters() if n.startswith("layers.0."))}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+
+def work(job: dict, rank: int, size: int):
+    out = {}
+    for scheme in job["schemes"]:
+        model = Pixtral(job["args"])
+        model.load_state_dict(job["state"])
+        model.eval().requires_grad_(False)
+        shard_model(model, rank, size, spread_images=False)
+        names = quantize_linears(model, scheme)
+        wo = model.layers[0].attention.wo
+        with torch.inference_mode():
+            out[scheme] = {"logits": model(job["ids"]), "names": names,
+                           "wo": (type(wo).__name__, type(wo.inner).__name__ if isinstance(wo, RowParallel) else None),
+                           "params": sorted(n for n, _ in model.named_parameters() if n.startswith("layers.0."))}
+    return out
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    serve_as_rank(work)

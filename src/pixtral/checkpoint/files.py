@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from pixtral.checkpoint.configs import args_from_hf_config, args_from_params_json
@@ -24,6 +25,11 @@ class CheckpointFiles:
     config_file: Path
     weight_files: list[Path]
     tokenizer_file: Path | None
+
+    @cached_property
+    def config(self) -> dict:
+        """The config file's contents, read once (the args and the quantization both come from it)."""
+        return _read_json(self.config_file)
 
 
 def _read_json(path: Path) -> dict:
@@ -71,7 +77,7 @@ def find_files(path: str | Path) -> CheckpointFiles:
 
 
 def read_args(files: CheckpointFiles) -> ModelArgs:
-    config = _read_json(files.config_file)
+    config = files.config
     if files.layout == MISTRAL:
         return args_from_params_json(config, source=str(files.config_file))
     return args_from_hf_config(config, source=str(files.config_file))
@@ -79,7 +85,7 @@ def read_args(files: CheckpointFiles) -> ModelArgs:
 
 def read_stored_quantization(files: CheckpointFiles) -> StoredQuantization | None:
     """The quantization the checkpoint's config declares (None: float); an unsupported scheme is refused here."""
-    return read_quantization(_read_json(files.config_file), str(files.config_file), mistral=files.layout == MISTRAL)
+    return read_quantization(files.config, str(files.config_file), mistral=files.layout == MISTRAL)
 
 
 def index_tensors(files: CheckpointFiles, args: ModelArgs, quantization: StoredQuantization | None = None,

@@ -36,8 +36,7 @@ class Sampler:
         logits = self.process(logits, requests)
         grammar_errors: dict[int, Exception] = {}
         if masks is not None:
-            logits, grammar_errors = masks.apply(
-                logits, [r.request_id if r.matcher is not None else None for r in requests])
+            logits, grammar_errors = masks.apply(logits, [r.request_id for r in requests])
         best, finite = greedy(logits)  # one pass: the greedy tokens, and which rows hold NaN or inf
         finite = finite.tolist()
         errors: dict[int, Exception] = {

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pixtral.checkpoint.loader import model_bytes
 from pixtral.engine.config import EngineConfig
 from pixtral.engine.kv_cache import bytes_per_block, reserve_bytes
 from pixtral.model.args import ModelArgs
@@ -59,8 +60,7 @@ def rank_weight_bytes(args: ModelArgs, tp: int, dtype: torch.dtype = torch.bfloa
         model = Pixtral(args)
     if tp > 1:
         shard_model(model, 0, tp)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in model.parameters()) * itemsize
+    return model_bytes(model, dtype)
 
 
 def activation_bytes(args: ModelArgs, tp: int, config: EngineConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -73,7 +73,7 @@ def activation_bytes(args: ModelArgs, tp: int, config: EngineConfig, dtype: torc
     gathered).
     """
     plan = TensorParallelPlan(args, tp)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     t = config.max_num_batched_tokens
     qkv = (plan.n_heads + 2 * plan.n_kv_heads) * args.head_dim
     layer = t * (2 * args.dim + qkv + plan.n_heads * args.head_dim + 3 * plan.hidden_dim) * item

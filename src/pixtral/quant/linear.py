@@ -101,6 +101,14 @@ class QuantizedLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, per_channel=per_channel,
                    device=linear.weight.device, bias_dtype=linear.weight.dtype)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True):
+        """The class's `quantize` of the linear's weight (the bias stays float)."""
+        q, scale = cls.quantize(linear.weight, per_channel)
+        new = cls._empty_like(linear, per_channel)
+        new._set(q, scale, linear.bias)
+        return new.train(linear.training)
+
     def _set(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight = nn.Parameter(q.contiguous(), requires_grad=False)
         self.weight_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
@@ -150,14 +158,6 @@ class Int8WeightLinear(QuantizedLinear):
 
     quantized_dtype = torch.int8
     quantize = staticmethod(quantize_int8)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> "Int8WeightLinear":
-        """`quantize_int8` of the linear's weight (the bias stays float)."""
-        q, scale = quantize_int8(linear.weight, per_channel)
-        new = cls._empty_like(linear, per_channel)
-        new._set(q, scale, linear.bias)
-        return new.train(linear.training)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         return (_INT8_KERNEL is not None and x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES
@@ -215,14 +215,6 @@ class Fp8Linear(QuantizedLinear):
     @property
     def per_channel(self) -> bool:
         return self.block_size is None and self.weight_scale.dim() == 1
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> "Fp8Linear":
-        """`quantize_fp8` of the linear's weight (the bias stays float)."""
-        q, scale = quantize_fp8(linear.weight, per_channel)
-        new = cls._empty_like(linear, per_channel)
-        new._set(q, scale, linear.bias)
-        return new.train(linear.training)
 
     def uses_scaled_mm(self, x: torch.Tensor) -> bool:
         return (self.use_scaled_mm and self.block_size is None and x.is_cuda and hasattr(torch, "_scaled_mm")

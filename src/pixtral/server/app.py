@@ -138,6 +138,11 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                           code="model_not_found", param="model")
+
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -161,9 +166,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         check_auth(request)
         engine = state.require_engine()
         req = parse_request(await read_json(request, config.max_request_bytes, config.body_timeout_s))
-        if req.model != config.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
-                           code="model_not_found", param="model")
+        check_model(req.model)
         req.unsupported()
         n_images = count_images(req.messages)
         if n_images > config.max_images_per_request:
@@ -209,9 +212,7 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
         engine = state.require_engine()
         req = parse_request(await read_json(request, config.max_request_bytes, config.body_timeout_s),
                             completions.CompletionRequest)
-        if req.model != config.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r}",
-                           code="model_not_found", param="model")
+        check_model(req.model)
         req.unsupported()
         prompts = req.prompts()
         try:

@@ -90,16 +90,8 @@ class StructuredOutput:
 
     def grammar_text(self) -> str:
         """The llguidance grammar, size-checked (refused before any compiling when too large)."""
-        if self.lark is not None:
-            text = self.lark
-            size = len(text.encode())
-        else:
-            schema = {"type": "object"} if self.json_object else self.json_schema
-            try:
-                text = json.dumps(schema, ensure_ascii=False, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise RequestError(f"'{self.where}' is not valid JSON: {exc}") from None
-            size = len(text.encode())
+        text = self.lark if self.lark is not None else self._schema_text()
+        size = len(text.encode())
         if size > MAX_GRAMMAR_BYTES:
             raise RequestError(f"'{self.where}' is {size} bytes; the limit is {MAX_GRAMMAR_BYTES}")
         if self.lark is not None:
@@ -108,6 +100,13 @@ class StructuredOutput:
             return llg.LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS)
         except ValueError as exc:
             raise RequestError(f"'{self.where}' is not a valid JSON schema: {exc}") from None
+
+    def _schema_text(self) -> str:
+        schema = {"type": "object"} if self.json_object else self.json_schema
+        try:
+            return json.dumps(schema, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"'{self.where}' is not valid JSON: {exc}") from None
 
     def check(self) -> None:
         """Raise RequestError naming `where` if the grammar is invalid or over a limit (no tokenizer needed:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pixtral.errors import RequestError
+from pixtral.structured.grammar import _short
 
 try:  # present whenever a grammar could be compiled (`grammar.MISSING` otherwise)
     import llguidance as llg
@@ -106,5 +107,4 @@ def advance(matcher: llg.LLMatcher, token: int) -> bool:
 
 
 def _error(matcher: llg.LLMatcher) -> str:
-    message = " ".join(matcher.get_error().split())
-    return "structured output failed: " + (message if len(message) <= 300 else message[:300] + "…")
+    return "structured output failed: " + _short(matcher.get_error(), 300)
