@@ -105,6 +105,21 @@ def test_as_stored_or_refused_for_another_scheme(tmp_path, hf_model):
         load_model(tmp_path / "ct", quantization="int8")
 
 
+def both_logits(theirs, ours, args, image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' and our logits for a few text tokens around one image of `prompts(args)`."""
+    text, _ = prompts(args)["text"]  # no image token among these
+    img = prompts(args)["images"][1][image]
+    v = args.vision
+    n = (img.shape[1] // v.patch_size) * (img.shape[2] // v.patch_size)
+    ids = torch.cat([text[:3], torch.full((n,), v.image_token_id), text[3:8]])
+    with torch.inference_mode():
+        got = theirs(input_ids=ids[None], pixel_values=img[None],
+                     image_sizes=torch.tensor([list(img.shape[1:])])).logits[0]
+        want = ours(ids, [img])
+    assert want.abs().max() > 1.0
+    return got, want
+
+
 def test_transformers_reads_our_reading_of_compressed_tensors(tmp_path, hf_model, monkeypatch):
     """transformers (through the compressed-tensors package) loading the same directory.
 
@@ -128,16 +143,7 @@ def test_transformers_reads_our_reading_of_compressed_tensors(tmp_path, hf_model
         return plain(self, (xq.float() * s).reshape(x.shape).to(x.dtype))
 
     monkeypatch.setattr(Fp8Linear, "linear_without_bias", with_fp8_activations)
-    text, _ = prompts(hf_model.args)["text"]  # no image token among these
-    img = prompts(hf_model.args)["images"][1][1]
-    v = hf_model.args.vision
-    n = (img.shape[1] // v.patch_size) * (img.shape[2] // v.patch_size)
-    ids = torch.cat([text[:3], torch.full((n,), v.image_token_id), text[3:8]])
-    with torch.inference_mode():
-        got = theirs(input_ids=ids[None], pixel_values=img[None],
-                     image_sizes=torch.tensor([list(img.shape[1:])])).logits[0]
-        want = ours(ids, [img])
-    assert want.abs().max() > 1.0
+    got, want = both_logits(theirs, ours, hf_model.args, image=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # its weights, decompressed on the first forward, are ours bit for bit (q_proj rows in HF order)
     lm = theirs.model.language_model
@@ -164,16 +170,7 @@ def test_transformers_reads_our_reading_of_fp8_blocks(tmp_path, hf_model):
     w.write_transformers_fp8_blocks(hf_model, tmp_path / "fp8", (16, 32))
     ours = load_model(tmp_path / "fp8", dtype=torch.float32)
     theirs = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
-    text, _ = prompts(hf_model.args)["text"]
-    img = prompts(hf_model.args)["images"][1][0]
-    v = hf_model.args.vision
-    n = (img.shape[1] // v.patch_size) * (img.shape[2] // v.patch_size)
-    ids = torch.cat([text[:3], torch.full((n,), v.image_token_id), text[3:8]])
-    with torch.inference_mode():
-        got = theirs(input_ids=ids[None], pixel_values=img[None],
-                     image_sizes=torch.tensor([list(img.shape[1:])])).logits[0]
-        want = ours(ids, [img])
-    assert want.abs().max() > 1.0
+    got, want = both_logits(theirs, ours, hf_model.args, image=0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     down = theirs.model.language_model.layers[0].mlp.down_proj.weight
     assert torch.equal(down, ours.layers[0].feed_forward.w2.dequantized_weight())

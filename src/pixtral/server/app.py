@@ -219,12 +219,15 @@ def build_app(state: ServerState, config: ServerConfig | None = None) -> FastAPI
             params = req.sampling_params()
         except PixtralError as exc:
             raise from_pixtral_error(exc) from None
+        try:  # every prompt encoded (in one trip to the thread pool) before any is submitted
+            encoded = await run_in_threadpool(
+                lambda: [completions.encode_prompt(engine.processor, p, engine.max_model_len) for p in prompts])
+        except PixtralError as exc:
+            raise from_pixtral_error(exc, param="prompt") from None
         streams: list[RequestStream] = []
         try:
-            for prompt in prompts:
-                encoded = await run_in_threadpool(completions.encode_prompt, engine.processor, prompt,
-                                                  engine.max_model_len)
-                streams.append(engine.submit(encoded, params))
+            for prompt in encoded:
+                streams.append(engine.submit(prompt, params))
         except PixtralError as exc:
             for stream in streams:
                 stream.abort()
