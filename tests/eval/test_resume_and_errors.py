@@ -180,6 +180,8 @@ def test_a_truncated_last_line_is_requeried(tmp_path, run_cli):
     (["--served-model", "m"], "--served-model needs --endpoint"),
     (["--endpoint", "ftp://x", "--served-model", "m"], "--endpoint must be an http(s) URL"),
     (["--endpoint", "http://x:1", "--served-model", "m", "--model", "ckpt"], "exclusive"),
+    (["--endpoint", "http://x:1/v1", "--served-model", "m", "--quantization", "int8"],
+     "--quantization is for a local --model"),
 ])
 def test_option_errors(tmp_path, run_cli, argv, message):
     data, _ = chartqa(tmp_path)
