@@ -299,11 +299,21 @@ def completion(model: str, text: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
+def completion_with_logprobs(model: str, text: str, top: list[tuple[str, float]]) -> dict[str, Any]:
+    """A chat completion whose first token has these top logprobs (OpenAI's layout)."""
+    body = completion(model, text)
+    first = top[0] if top else (text[:1], 0.0)
+    body["choices"][0]["logprobs"] = {"content": [{
+        "token": first[0], "logprob": first[1], "bytes": list(first[0].encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}]}
+    return body
+
+
 class Fail:
     """A scripted failure: an HTTP status, or a delay longer than the client's timeout."""
 
-    def __init__(self, status: int = 500, delay: float = 0.0, text: str = "late"):
-        self.status, self.delay, self.text = status, delay, text
+    def __init__(self, status: int = 500, delay: float = 0.0, text: str = "late", message: str = "scripted failure"):
+        self.status, self.delay, self.text, self.message = status, delay, text, message
 
 
 class ScriptedServer:
@@ -337,10 +347,12 @@ class ScriptedServer:
                 if outcome.delay:
                     await asyncio.sleep(outcome.delay)
                     return completion(body["model"], outcome.text)
-                return JSONResponse({"error": {"message": "scripted failure", "type": "server_error"}},
+                return JSONResponse({"error": {"message": outcome.message, "type": "server_error"}},
                                     status_code=outcome.status)
             if self.stop_after is not None and count >= self.stop_after:
                 self.server.should_exit = True
+            if isinstance(outcome, dict):  # a whole response body (logprobs, ...)
+                return outcome
             return completion(body["model"], outcome)
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

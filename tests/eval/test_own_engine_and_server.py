@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from language_data import write_math, write_mmlu
 
 from pixtral.data.synth import SynthConfig, write_dataset
 
@@ -75,3 +76,31 @@ def test_bad_local_model_is_a_clear_error(tmp_path, run_cli, synth_data):
                            "--output-dir", str(tmp_path / "out"), "--no-progress")
     assert code == 1
     assert "nope: no such checkpoint directory" in err and "Traceback" not in err
+
+
+def test_language_tasks_in_process_and_server_agree(tmp_path, run_cli, tiny_checkpoint, server):
+    """MMLU's first-token logprobs and MATH's seeded samples come back alike from the engine in-process
+    and from our server: the letter logprobs through the OpenAI fields, the samples through `seed`."""
+    data = {"mmlu": write_mmlu(tmp_path), "math": write_math(tmp_path)}
+    extra = {"mmlu": (), "math": ("--samples", "2", "--max-tokens", "6")}
+    for task in ("mmlu", "math"):
+        local, remote = tmp_path / f"{task}-local", tmp_path / f"{task}-remote"
+        code, _, err = run_cli(task, "--data", str(data[task]), "--model", str(tiny_checkpoint),
+                               "--output-dir", str(local), "--no-progress", *extra[task])
+        assert code == 0, err
+        code, _, err = run_cli(task, "--data", str(data[task]), "--endpoint", f"{server}/v1", "--served-model", "tiny",
+                               "--output-dir", str(remote), "--no-progress", *extra[task])
+        assert code == 0, err
+        a = {r["id"]: r for r in map(json.loads, (local / f"{task}.items.jsonl").read_text().splitlines())}
+        b = {r["id"]: r for r in map(json.loads, (remote / f"{task}.items.jsonl").read_text().splitlines())}
+        assert a.keys() == b.keys() and all(r["status"] == "ok" for r in [*a.values(), *b.values()])
+        if task == "math":
+            assert {k: r["answer"] for k, r in a.items()} == {k: r["answer"] for k, r in b.items()}
+            assert any(len(set(r["answer"])) > 1 for r in a.values())  # the two samples differ somewhere
+        else:
+            for key in a:
+                assert a[key]["answer"]["text"] == b[key]["answer"]["text"]
+                top_a, top_b = a[key]["answer"]["top_logprobs"], b[key]["answer"]["top_logprobs"]
+                assert len(top_a) == len(top_b) == 20
+                assert [t for t, _ in top_a] == [t for t, _ in top_b]
+                assert [lp for _, lp in top_a] == pytest.approx([lp for _, lp in top_b], abs=1e-4)

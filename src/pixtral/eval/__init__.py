@@ -1,5 +1,6 @@
 """Evaluation harness: MM-MT-Bench and the five academic benchmarks with the Pixtral paper's
-protocol, plus the released `mistral-evals` scoring for comparison, against any model backend.
+protocol, plus the released `mistral-evals` scoring for comparison, and the paper's language table,
+against any model backend.
 
 Modules, one job each:
   prompts        the Explicit prompts, decoding settings and judge prompt (verbatim protocol text)
@@ -13,6 +14,8 @@ Modules, one job each:
   tasks          per-task scoring and aggregation (metric names of TASK.json)
   runner         concurrency, resume, progress bar, output files
   report         markdown summary and PNG chart
+  language_tasks the paper's Table 3: MT-Bench, MMLU, MATH, HumanEval (docs/language_evaluation.md),
+                 with mt_bench, mmlu, math_data, math_answers, humaneval and sandbox
 
 Typical use from Python (the CLI is `pixtral eval`):
 

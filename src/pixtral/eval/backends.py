@@ -1,7 +1,10 @@
 """The model under test (and the judge): an OpenAI-compatible endpoint, or our engine in-process.
 
-Both expose `complete(messages, max_tokens=..., temperature=...) -> str`, thread-safe, where the
-messages are OpenAI chat messages whose image parts hold `EncodedImage`s (see `data.Item`).
+Both expose `complete(messages, max_tokens=..., temperature=..., seed=...) -> str`, thread-safe, where
+the messages are OpenAI chat messages whose image parts hold `EncodedImage`s (see `data.Item`), and
+`complete_logprobs(...) -> (text, top)`: the answer with the first generated token's most likely
+tokens `[(token text, logprob), ...]`, or None where the endpoint gives no logprobs (MMLU's letter
+comparison).
 
 Endpoint calls go through the official `openai` client with images as base64 `data:` URIs. The
 client retries what it deems transient (connection errors and timeouts; 408, 409, 429 and 5xx answers)
@@ -17,6 +20,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -27,8 +31,18 @@ from pixtral.eval.errors import BackendError, EndpointUnreachableError
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
+TopLogprobs = list[tuple[str, float]]  # (token text, logprob), most likely first
+
+
 class RequestFailed(Exception):
-    """One request failed for good (after its retries); the item is recorded as failed."""
+    """One request failed for good (after its retries); the item is recorded as failed.
+
+    `partial` holds what a multi-request item finished before this failure (MT-Bench turns,
+    samples), so a resumed run asks only for the rest."""
+
+    def __init__(self, message: str, partial: Any = None):
+        super().__init__(message)
+        self.partial = partial
 
 
 class Backend(Protocol):
@@ -36,7 +50,11 @@ class Backend(Protocol):
 
     def check(self) -> list[str]: ...  # raise if unusable; return warnings
 
-    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str: ...
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                 seed: int | None = None) -> str: ...
+
+    def complete_logprobs(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                          top_logprobs: int) -> tuple[str, TopLogprobs | None]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -81,10 +99,14 @@ class OpenAIBackend:
                                     max_retries=attempts - 1)
         self._probe = self.client.with_options(timeout=10.0, max_retries=0)  # one quick try: is anybody there?
         self.identity = {"served_model": model}
+        self._logprobs: bool | None = None  # whether the endpoint returns logprobs (None: not asked yet)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "endpoint", "endpoint": self.base_url, "served_model": self.model, "timeout_s": self.timeout,
-                "attempts": self.attempts}
+        described = {"kind": "endpoint", "endpoint": self.base_url, "served_model": self.model,
+                     "timeout_s": self.timeout, "attempts": self.attempts}
+        if self._logprobs is not None:
+            described["logprobs"] = self._logprobs
+        return described
 
     def _unreachable(self, exc: Exception) -> EndpointUnreachableError:
         cause = getattr(exc, "__cause__", None) or exc
@@ -124,12 +146,38 @@ class OpenAIBackend:
             return [f"{self.role} endpoint {self.base_url} does not list model '{self.model}' (it lists: {', '.join(listed[:10])})"]
         return []
 
-    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str:
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                 seed: int | None = None) -> str:
+        extra = {"seed": seed} if seed is not None else {}
+        return self._create(messages, max_tokens, temperature, **extra).choices[0].message.content or ""
+
+    def complete_logprobs(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                          top_logprobs: int) -> tuple[str, TopLogprobs | None]:
+        if self._logprobs is not False:
+            try:
+                response = self._create(messages, max_tokens, temperature, logprobs=True, top_logprobs=top_logprobs)
+            except RequestFailed as exc:
+                # An endpoint without logprobs refuses the option by name (OpenAI's wording and ours);
+                # other refusals are the item's own.
+                if self._logprobs is True or "logprob" not in str(exc).lower():
+                    raise
+                self._logprobs = False
+            else:
+                self._logprobs = True
+                choice = response.choices[0]
+                content = choice.logprobs.content if choice.logprobs is not None else None
+                if content is None:
+                    return choice.message.content or "", None
+                top = [(t.token, t.logprob) for t in content[0].top_logprobs] if content else []
+                return choice.message.content or "", top
+        return self.complete(messages, max_tokens=max_tokens, temperature=temperature), None
+
+    def _create(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float, **options: Any):
         openai = self._openai
         try:  # the client retries transient failures itself
             response = self.client.chat.completions.create(
                 model=self.model, messages=to_openai_messages(messages), max_tokens=max_tokens,
-                temperature=temperature)
+                temperature=temperature, **options)
         except openai.APIConnectionError as exc:  # timeouts too
             if not self.reachable():
                 raise self._unreachable(exc) from exc
@@ -142,7 +190,7 @@ class OpenAIBackend:
             raise RequestFailed(f"bad response from {self.base_url}: {_brief(exc)}") from exc
         if not response.choices:
             raise RequestFailed(f"response from {self.base_url} has no choices")
-        return response.choices[0].message.content or ""
+        return response
 
     def close(self) -> None:
         self.client.close()
@@ -213,10 +261,17 @@ class LocalBackend:
     def check(self) -> list[str]:
         return []
 
-    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float) -> str:
-        future: Future = Future()
-        self._queue.put((to_openai_messages(messages), max_tokens, temperature, future))
-        return future.result()
+    def complete(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                 seed: int | None = None) -> str:
+        return self._submit(_Request(to_openai_messages(messages), max_tokens, temperature, seed))[0]
+
+    def complete_logprobs(self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float,
+                          top_logprobs: int) -> tuple[str, TopLogprobs | None]:
+        return self._submit(_Request(to_openai_messages(messages), max_tokens, temperature, None, top_logprobs))
+
+    def _submit(self, request: _Request) -> tuple[str, TopLogprobs | None]:
+        self._queue.put(request)
+        return request.future.result()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -244,29 +299,44 @@ class LocalBackend:
                     stop = True
                     break
                 batch.append(nxt)
-            groups: dict[tuple[int, float], list] = {}
-            for request in batch:
-                groups.setdefault((request[1], request[2]), []).append(request)
-            for (max_tokens, temperature), requests in groups.items():
-                self._run(requests, max_tokens, temperature)
+            self._run(batch)
             if stop:
                 return
 
-    def _run(self, requests: list, max_tokens: int, temperature: float) -> None:
-        params = self._sampling_cls(temperature=temperature, max_tokens=max_tokens)
+    def _run(self, requests: list[_Request]) -> None:
+        params = [self._sampling_cls(temperature=r.temperature, max_tokens=r.max_tokens, seed=r.seed,
+                                     logprobs=r.top_logprobs) for r in requests]
         try:
-            outputs = self.llm.chat([r[0] for r in requests], params)
+            outputs = self.llm.chat([r.messages for r in requests], params)
             if len(outputs) != len(requests):
                 raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(requests)} conversations")
         except Exception as exc:  # isolate the failing conversation
             if len(requests) > 1:
                 for request in requests:
-                    self._run([request], max_tokens, temperature)
+                    self._run([request])
                 return
-            requests[0][3].set_exception(RequestFailed(f"engine error: {type(exc).__name__}: {exc}"))
+            requests[0].future.set_exception(RequestFailed(f"engine error: {type(exc).__name__}: {exc}"))
             return
         for request, out in zip(requests, outputs):
             if out.error:  # the engine failed this conversation alone; the others of the batch stand
-                request[3].set_exception(RequestFailed(f"engine error: {out.error}"))
-            else:
-                request[3].set_result(out.outputs[0].text)
+                request.future.set_exception(RequestFailed(f"engine error: {out.error}"))
+                continue
+            choice = out.outputs[0]
+            top = None
+            if request.top_logprobs is not None:
+                first = choice.logprobs[0].top if choice.logprobs else []
+                top = [(self._token_text(t), lp) for t, lp in first]
+            request.future.set_result((choice.text, top))
+
+    def _token_text(self, token_id: int) -> str:
+        return self.llm.processor.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+@dataclass
+class _Request:
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    temperature: float
+    seed: int | None = None
+    top_logprobs: int | None = None
+    future: Future = field(default_factory=Future)

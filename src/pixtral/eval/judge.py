@@ -65,6 +65,14 @@ class Judgement:
     rationale: str  # the judge's last reply
     attempts: int
 
+    @property
+    def rated(self) -> bool:
+        return self.rating is not None
+
+    def row(self) -> dict[str, Any]:
+        """What TASK.items.jsonl keeps under "judge"."""
+        return {"rating": self.rating, "rationale": self.rationale, "attempts": self.attempts}
+
 
 class Judge:
     """Rates one answer with an OpenAI-compatible judge (`gpt-4o-2024-05-13` by default)."""

@@ -369,7 +369,18 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "docvqa": load_docvqa,
     "vqav2": load_vqav2,
     "synth": load_synth,
+    # The language tasks read their own formats (JSONL, CSV, JSON folders) in their modules.
+    "mt_bench": lambda path, limit: _language_loader("mt_bench")(path, limit),
+    "mmlu": lambda path, limit: _language_loader("mmlu")(path, limit),
+    "math": lambda path, limit: _language_loader("math_data")(path, limit),
+    "humaneval": lambda path, limit: _language_loader("humaneval")(path, limit),
 }
+
+
+def _language_loader(module: str) -> Callable[..., Dataset]:
+    import importlib
+
+    return importlib.import_module(f"pixtral.eval.{module}").load
 
 
 def load(task: str, path: str | Path, limit: int | None = None, blank_images: bool = False) -> Dataset:

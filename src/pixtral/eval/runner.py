@@ -2,9 +2,10 @@
 
 Per-item results are appended to `TASK.items.jsonl` as they arrive (one JSON object a line; a later
 line for the same id replaces an earlier one). A re-run with the same data, model and settings skips
-every item that has an answer (and, for MM-MT-Bench, a judgement from the same judge), re-queries
-failed items, and only re-judges answers whose judge changed or failed. Scores of resumed items are
-recomputed from their saved answers, so a scoring fix applies without querying the model again.
+every item that has an answer (and, for the judged tasks, a judgement from the same judge), re-queries
+failed items (only their unfinished turns or samples), and only re-judges answers whose judge changed
+or failed. Scores of resumed items are recomputed from their saved answers, so a scoring fix applies
+without querying the model again (HumanEval reuses its saved executions while the sandbox is the same).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pixtral.eval import prompts
 from pixtral.eval.backends import Backend, RequestFailed
 from pixtral.eval.data import Dataset, Item, loggable_messages
 from pixtral.eval.errors import DataError, EndpointUnreachableError, ResumeError
 from pixtral.eval.judge import Judge
 from pixtral.eval.loaders import load
-from pixtral.eval.tasks import TASKS, Task
+from pixtral.eval.tasks import TASKS, Decoding, Task
 
 SCORING_NOTES = {
     "levels": "baseline = response ends with 'Final Answer: <answer>'; flexible levels 1-3 as in the paper's "
@@ -38,6 +38,14 @@ SCORING_NOTES = {
            "min(1, matches/3) (mistral_evals.vqa_match: as released, no normalisation)",
     "judge": "judge sees the question text, the reference answers as text, the image (unless disabled) "
              "and the answer; first [[n]] in 1-10; micro average over rated turns",
+    "mt_bench": "FastChat single-answer grading (single-v1, single-math-v1 with the reference for math, reasoning "
+                "and coding; multi-turn prompts for turn 2); [[n]], else [n], in 1-10; mean over rated turns",
+    "mmlu": "letter read from the generated answer (leading letter or 'answer is X'; none when ambiguous); "
+            "logprob accuracy: likeliest of A-D among the first answer token's top 20 logprobs",
+    "math": "last \\boxed{} (else a 'final answer' line), Hendrycks/Minerva normalisation, exact numeric "
+            "equivalence; maj@k: the most frequent answer (ties: the first seen) against the reference",
+    "humaneval": "code from the answer's fenced block (the prompt prepended when only a body is given), run with "
+                 "the tests in the sandbox; pass@k by the unbiased estimator",
 }
 
 
@@ -52,6 +60,10 @@ class RunConfig:
     blank_images: bool = False
     overwrite: bool = False
     progress: bool = True
+    samples: int = 1  # math and humaneval: answers per problem (maj@k, pass@k)
+    temperature: float | None = None  # with samples > 1 (default: the task's); greedy otherwise
+    seed: int = 0  # the samples' seeds derive from it and the item id
+    sandbox: Any = None  # humaneval: `sandbox.SandboxLimits` (default limits when None)
 
 
 def output_paths(output_dir: str | Path, task: str) -> dict[str, Path]:
@@ -146,18 +158,19 @@ def evaluate(config: RunConfig, backend: Backend, judge: Judge | None = None) ->
     Raises `EndpointUnreachableError` (after saving every finished item) when an endpoint stops
     answering, and `DataError` / `ResumeError` for bad inputs.
     """
-    task: Task = TASKS[config.task]
+    task: Task = TASKS[config.task].for_run(config)
     started = time.time()
     dataset = load(task.name, config.data, config.limit, config.blank_images)
-    max_tokens = config.max_tokens or prompts.MAX_TOKENS[task.name]
+    decoding = task.decoding(config)
     judge = judge if task.needs_judge else None
     paths = _prepare_outputs(config, task.name)
-    model_key = {"task": task.name, "data_sha256": dataset.sha256, **backend.identity, "max_tokens": max_tokens,
-                 "temperature": prompts.TEMPERATURE, "blank_images": config.blank_images}
+    model_key = {"task": task.name, "data_sha256": dataset.sha256, **backend.identity,
+                 "max_tokens": decoding.max_tokens, "temperature": decoding.temperature,
+                 "blank_images": config.blank_images, **decoding.key()}
     store = ResultStore(paths["items"])
     previous, warnings = _load_previous(store, model_key)
 
-    run = _Run(task, config, backend, judge, max_tokens, model_key, store, previous, warnings)
+    run = _Run(task, config, backend, judge, decoding, model_key, store, previous, warnings)
     run.run(dataset)
     if run.abort is not None:
         raise EndpointUnreachableError(
@@ -199,11 +212,11 @@ class _Run:
     """One pass over the dataset: resumed items are rescored, the others queried (and judged) in a thread
     pool, each row saved as it arrives. An unreachable endpoint sets `abort` and stops submitting."""
 
-    def __init__(self, task: Task, config: RunConfig, backend: Backend, judge: Judge | None, max_tokens: int,
+    def __init__(self, task: Task, config: RunConfig, backend: Backend, judge: Judge | None, decoding: Decoding,
                  model_key: dict[str, Any], store: ResultStore, previous: dict[str, dict[str, Any]],
                  warnings: list[str]):
         self.task, self.config, self.backend, self.judge = task, config, backend, judge
-        self.max_tokens, self.model_key = max_tokens, model_key
+        self.decoding, self.model_key = decoding, model_key
         self.judge_key = judge.identity if judge else None
         self.store, self.previous, self.warnings = store, previous, warnings
         self.rows: dict[str, dict[str, Any]] = {}
@@ -232,12 +245,12 @@ class _Run:
                     stage = _stage(prev, self.judge_key)
                     if stage == "done":
                         self.counts["resumed"] += 1
-                        self._finish({**prev, **_scored(self.task, item, prev["answer"])})
+                        self._finish({**prev, **_scored(self.task, item, prev["answer"], prev)})
                         continue
                     self._check_once()
                     while len(self._pending) >= limit:
                         self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
-                    self._pending.add(pool.submit(self._process, item, prev["answer"] if stage == "judge" else None))
+                    self._pending.add(pool.submit(self._process, item, prev, stage))
                 while self._pending:
                     self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
             except BaseException:
@@ -259,24 +272,27 @@ class _Run:
         self._checked = True
 
     # ------------------------------------------------------------------ in the worker threads
-    def _process(self, item: Item, answer: str | None) -> dict[str, Any]:
-        """One item's row: the model's answer (queried unless given), its scores and its judgement."""
+    def _process(self, item: Item, prev: dict[str, Any] | None, stage: str) -> dict[str, Any]:
+        """One item's row: the model's answer (queried unless saved), its scores and its judgement."""
         begin = time.monotonic()
         row: dict[str, Any] = {
             "id": item.id, "status": "ok", "model_key": self.model_key, "judge_key": self.judge_key,
-            "request": {"messages": loggable_messages(item.messages), "max_tokens": self.max_tokens,
-                        "temperature": prompts.TEMPERATURE},
+            "request": {"messages": loggable_messages(item.messages), "max_tokens": self.decoding.max_tokens,
+                        "temperature": self.decoding.temperature},
             "reference": item.reference, "meta": item.meta,
         }
-        if answer is None:
+        if stage == "judge":
+            answer = prev["answer"]
+        else:
             try:
-                answer = self.backend.complete(item.messages, max_tokens=self.max_tokens,
-                                               temperature=prompts.TEMPERATURE)
+                answer = self.task.query(item, self.backend, self.decoding, (prev or {}).get("partial"))
             except RequestFailed as exc:
                 row.update(status="failed", answer=None, error=str(exc), elapsed_s=round(time.monotonic() - begin, 3))
+                if exc.partial:
+                    row["partial"] = exc.partial
                 return row
             row["queried"] = True
-        row.update(_scored(self.task, item, answer))
+        row.update(_scored(self.task, item, answer, prev if stage == "judge" else None))
         if self.judge is not None:
             self._judge(item, answer, row)
         row["elapsed_s"] = round(time.monotonic() - begin, 3)
@@ -291,8 +307,8 @@ class _Run:
             if isinstance(exc, EndpointUnreachableError):
                 row["abort"] = exc
         else:
-            row["judge"] = {"rating": judgement.rating, "rationale": judgement.rationale, "attempts": judgement.attempts}
-            if judgement.rating is None:
+            row["judge"] = judgement.row()
+            if not judgement.rated:
                 row["status"] = "unrated"
 
     # ------------------------------------------------------------------ in the submitting thread
@@ -345,10 +361,11 @@ def _result(run: _Run, dataset: Dataset, paths: dict[str, Path], started: float)
             "failed_items": [r["id"] for r in final if r["status"] == "failed"],
         },
         "settings": {
-            "model": run.backend.describe(), "temperature": prompts.TEMPERATURE, "max_tokens": run.max_tokens,
+            "model": run.backend.describe(), "temperature": run.decoding.temperature,
+            "max_tokens": run.decoding.max_tokens, **run.decoding.key(),
             "concurrency": config.concurrency, "limit": config.limit, "blank_images": config.blank_images,
-            "judge": judge.describe() if judge else None, "scoring": SCORING_NOTES[task.kind],
-            "numeric_tolerance": task.tolerance if task.kind == "levels" else None,
+            "judge": judge.describe() if judge else None, "scoring": SCORING_NOTES.get(task.kind) or task.scoring,
+            "numeric_tolerance": task.tolerance if task.kind == "levels" else None, **task.settings(),
         },
         "data": {"path": str(config.data), "files": [str(f) for f in dataset.files], "sha256": dataset.sha256},
         "run": {"started": _iso(started), "finished": _iso(time.time()), "elapsed_s": round(time.time() - started, 2),
@@ -381,9 +398,11 @@ def _stage(prev: dict[str, Any] | None, judge_key: dict[str, Any] | None) -> str
     return "done"
 
 
-def _scored(task: Task, item: Item, answer: str) -> dict[str, Any]:
-    score = task.score(answer, item.reference)
-    return {"answer": answer, "extracted": score.extracted, "scores": score.scores, "mistral_evals": score.mistral_evals}
+def _scored(task: Task, item: Item, answer: Any, prev: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row's answer and scores; `prev` (a saved row of the same answer) lets a task reuse costly work."""
+    score = task.score(answer, item.reference, prev)
+    return {"answer": answer, "extracted": score.extracted, "scores": score.scores,
+            "mistral_evals": score.mistral_evals, **score.extra}
 
 
 def _iso(ts: float) -> str:

@@ -1,32 +1,67 @@
 """Per-task scoring and aggregation: which metrics each task reports, under which names.
 
-`TASK.json` metric names (issue 4): `baseline`, `flexible_level_1..3` for MMMU, MathVista, ChartQA
-and synth (plus `per_category` where the data has categories); `anls` for DocVQA; `vqa_match` for
-VQAv2; `micro_average`, `per_category`, `per_turn`, `unrated_turns` for MM-MT-Bench. The
-`mistral_evals` section carries the released harness's own names and values.
+`TASK.json` metric names: `baseline`, `flexible_level_1..3` for MMMU, MathVista, ChartQA and synth
+(plus `per_category` where the data has categories); `anls` for DocVQA; `vqa_match` for VQAv2;
+`micro_average`, `per_category`, `per_turn`, `unrated_turns` for MM-MT-Bench. The `mistral_evals`
+section carries the released harness's own names and values. The language tasks (MT-Bench, MMLU,
+MATH, HumanEval) are in `language_tasks`.
 
 Accuracy metrics are fractions in [0, 1] over all items; a failed item scores 0. MM-MT-Bench
 averages are on the judge's 1-10 scale over the rated turns only.
+
+A task turns an item into an answer (`query`: one request here; several turns or samples for the
+language tasks), scores it (`score`) and aggregates the rows (`aggregate`); the runner does the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any
 
-from pixtral.eval import metrics
+from pixtral.eval import metrics, prompts
 from pixtral.eval import mistral_evals as released
 
-TASK_NAMES = ("mm_mt_bench", "mmmu", "mathvista", "chartqa", "docvqa", "vqav2", "synth")
+TASK_NAMES = ("mm_mt_bench", "mmmu", "mathvista", "chartqa", "docvqa", "vqav2", "synth",
+              "mt_bench", "mmlu", "math", "humaneval")
 
 
 @dataclass(frozen=True)
 class ItemScore:
     scores: dict[str, float]
     mistral_evals: dict[str, float]
-    extracted: dict[str, str | None]
+    extracted: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the row (HumanEval's executions)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are sampled: greedy with one sample unless a task samples several."""
+
+    max_tokens: int
+    temperature: float = prompts.TEMPERATURE
+    samples: int = 1
+    seed: int | None = None  # only when sampling
+    by_category: bool = False  # MT-Bench: FastChat's temperature per category instead of `temperature`
+
+    def key(self) -> dict[str, Any]:
+        """What a resumed run must share beyond max_tokens and temperature (nothing for greedy tasks,
+        so results written before samples existed still resume)."""
+        key: dict[str, Any] = {"samples": self.samples, "seed": self.seed} if self.seed is not None else {}
+        if self.by_category:
+            key["temperature_by_category"] = True
+        return key
+
+    def sample_seed(self, item_id: str, index: int) -> int | None:
+        """A per-sample seed from the run's seed, the item and the sample's index: reproducible, and
+        different for every sample (None when greedy)."""
+        if self.seed is None:
+            return None
+        digest = hashlib.sha256(f"{self.seed}\0{item_id}\0{index}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
@@ -39,11 +74,28 @@ class Task:
     def needs_judge(self) -> bool:
         return self.kind == "judge"
 
+    scoring = ""  # the runner's SCORING_NOTES describe these tasks
+
+    def for_run(self, config: Any) -> Task:
+        """The task set up for one run's options (the language tasks bind samples and the sandbox)."""
+        return self
+
+    def decoding(self, config: Any) -> Decoding:
+        return Decoding(config.max_tokens or prompts.MAX_TOKENS[self.name])
+
+    def settings(self) -> dict[str, Any]:
+        """Task-specific settings for TASK.json."""
+        return {}
+
+    def query(self, item: Any, backend: Any, decoding: Decoding, partial: Any = None) -> str:
+        """The model's answer to one item: one request with the item's messages."""
+        return backend.complete(item.messages, max_tokens=decoding.max_tokens, temperature=decoding.temperature)
+
     @property
     def score_keys(self) -> tuple[str, ...]:
         return {"anls": ("anls",), "vqa": ("vqa_match",), "judge": ()}.get(self.kind, metrics.LEVELS)
 
-    def score(self, answer: str, reference: Any) -> ItemScore:
+    def score(self, answer: str, reference: Any, previous: dict[str, Any] | None = None) -> ItemScore:
         """Scores of one answer (judge tasks are rated by the judge instead)."""
         if self.kind == "judge":
             return ItemScore({}, {}, {})
@@ -135,3 +187,8 @@ TASKS: dict[str, Task] = {
     "vqav2": Task("vqav2", "vqa"),
     "synth": Task("synth", "synth"),
 }
+
+
+# The language tasks subclass Task and add themselves to TASKS when their module loads (by name: that
+# module imports this one, and either may be imported first).
+importlib.import_module("pixtral.eval.language_tasks")
