@@ -391,3 +391,44 @@ def test_math_reads_math500_jsonl_and_names_bad_records(tmp_path):
     bad.write_text("{broken")
     with pytest.raises(DataError, match="1.json: cannot read as JSON"):
         list(load(tmp_path / "m" / "MATH").items())
+
+
+def test_hostile_samples_harm_neither_the_host_nor_the_run(tmp_path, run_cli, monkeypatch):
+    """Samples that attack the run itself (its output file, its process, the host's temp dir, the
+    environment) are just failed samples: the run finishes, its files stay whole, honest samples pass."""
+    data = write_humaneval(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)  # writable to anyone: only the sandbox can keep a sample out of it
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PIXTRAL_TEST_SECRET", "s3cr3t-value")
+    items_file = out / "humaneval.items.jsonl"
+    # The attacks sit inside the functions: the code extraction keeps only what the entry point reaches.
+    hostile = {
+        "add": [f"```python\ndef add(a, b):\n    open({str(items_file)!r}, 'w').write('garbage')\n"
+                f"    open({str(marker)!r}, 'w').write('x')\n    return a + b\n```",
+                "```python\nimport os, signal\n\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                "    os.killpg(0, signal.SIGKILL)\n    return a + b\n```"],
+        "is_even": ["```python\nimport os\n\ndef is_even(n):\n    while True:\n        try:\n            os.fork()\n"
+                    "        except OSError:\n            pass\n```",
+                    "```python\nimport os\n\ndef is_even(n):\n    assert 's3cr3t' not in str(os.environ), 'leaked'\n"
+                    "    return n % 2 == 0\n```"],
+        "largest": ["```python\ndef largest(xs):\n    return len(bytearray(1 << 40))\n```",
+                    "```python\nfrom typing import List\n\ndef largest(xs: List[int]) -> int:\n    return max(xs)\n```"],
+    }
+    with ScriptedServer(CodeServer(hostile)) as model:
+        code, _, err = run_cli("humaneval", "--data", str(data),
+                               *endpoint_args(model, out, "--samples", "2", "--sandbox-timeout", "3"))
+        assert code == 0, err
+    assert not marker.exists()
+    saved = rows(out, "humaneval")  # every line of the items file parses: nothing was written into it
+    assert len(saved) == 3 and all(r["status"] == "ok" for r in saved.values())
+    statuses = {k: [e["status"] for e in r["executions"]] for k, r in saved.items()}
+    # Writing outside its directory fails the first sample; killing its parent kills only its own launcher.
+    assert statuses["HumanEval/0"] == ["failed", "failed"]  # a read-only host; its own launcher killed
+    assert statuses["HumanEval/1"][0] in ("failed", "timeout") and statuses["HumanEval/1"][1] == "passed"
+    assert statuses["HumanEval/2"] == ["failed", "passed"]
+    outputs = {k: [e["output"] for e in r["executions"]] for k, r in saved.items()}
+    assert any(e in outputs["HumanEval/0"][0] for e in ("FileNotFoundError", "Read-only file system", "PermissionError"))
+    assert "PermissionError" in outputs["HumanEval/0"][1] and "MemoryError" in outputs["HumanEval/2"][0]
+    assert result(out, "humaneval")["settings"]["sandbox"]["degraded"] is False

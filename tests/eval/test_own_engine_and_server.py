@@ -104,3 +104,21 @@ def test_language_tasks_in_process_and_server_agree(tmp_path, run_cli, tiny_chec
                 assert len(top_a) == len(top_b) == 20
                 assert [t for t, _ in top_a] == [t for t, _ in top_b]
                 assert [lp for _, lp in top_a] == pytest.approx([lp for _, lp in top_b], abs=1e-4)
+
+
+def test_multi_turn_and_code_tasks_on_our_engine(tmp_path, run_cli, tiny_checkpoint):
+    """MT-Bench's second turn goes through our chat format after the model's own (possibly empty)
+    answer, and HumanEval runs whatever the engine wrote: no item fails."""
+    from language_data import write_humaneval, write_mt_bench
+
+    for task, data in (("mt_bench", write_mt_bench(tmp_path)), ("humaneval", write_humaneval(tmp_path))):
+        out = tmp_path / task
+        code, _, err = run_cli(task, "--data", str(data), "--model", str(tiny_checkpoint), "--output-dir", str(out),
+                               "--no-progress", "--max-tokens", "8", *(("--no-judge",) if task == "mt_bench" else ()))
+        assert code == 0, err
+        final = json.loads((out / f"{task}.json").read_text())
+        assert final["counts"]["failed"] == 0 and final["counts"]["items"] == 3
+        if task == "mt_bench":
+            assert final["metrics"]["unjudged_turns"] == 6
+        else:
+            assert sum(final["metrics"]["executions"].values()) == 3

@@ -28,7 +28,7 @@ from typing import Any
 
 from pixtral.errors import ConfigError
 from pixtral.eval.backends import RequestFailed
-from pixtral.eval.errors import EndpointUnreachableError
+from pixtral.eval.errors import BackendError, EndpointUnreachableError
 from pixtral.eval import tasks as _registry
 from pixtral.eval.tasks import Decoding, ItemScore, Task
 
@@ -286,7 +286,10 @@ class HumanEvalTask(LanguageTask):
     def for_run(self, config: Any) -> Task:
         from pixtral.eval.sandbox import Sandbox, SandboxLimits
 
-        sandbox = Sandbox(getattr(config, "sandbox", None) or SandboxLimits())
+        try:
+            sandbox = Sandbox(getattr(config, "sandbox", None) or SandboxLimits())
+        except (RuntimeError, OSError) as exc:  # not even a plain child process with limits can run here
+            raise BackendError(f"humaneval: cannot run the samples in a sandbox on this machine ({exc})") from exc
         return replace(self, sandbox=sandbox, slots=threading.BoundedSemaphore(max(1, os.cpu_count() or 1)))
 
     def settings(self) -> dict[str, Any]:
