@@ -131,14 +131,33 @@ def test_mt_bench_resume_asks_only_for_unfinished_turns(tmp_path, run_cli):
     assert final["counts"]["failed"] == 0 and final["metrics"]["rated_turns"] == 5
 
 
-def test_mt_bench_options_are_checked(tmp_path, run_cli):
+def test_options_of_other_tasks_and_their_ranges_are_checked(tmp_path, run_cli, capsys):
+    def run(*argv):  # argparse's own refusals exit at once; ours return a code
+        try:
+            return run_cli(*argv)
+        except SystemExit as exc:
+            return exc.code, "", capsys.readouterr().err
+
     data = write_mt_bench(tmp_path)
-    code, _, err = run_cli("mt_bench", "--data", str(data), "--endpoint", "http://127.0.0.1:9/v1",
+    code, _, err = run("mt_bench", "--data", str(data), "--endpoint", "http://127.0.0.1:9/v1",
                            "--served-model", "m", "--judge-endpoint", "http://127.0.0.1:9/v1", "--judge-no-image")
     assert code != 0 and "--judge-no-image is for mm_mt_bench" in err
-    code, _, err = run_cli("mt_bench", "--data", str(data), "--endpoint", "http://127.0.0.1:9/v1",
+    code, _, err = run("mt_bench", "--data", str(data), "--endpoint", "http://127.0.0.1:9/v1",
                            "--served-model", "m", "--no-judge", "--samples", "2")
     assert code != 0 and "--samples is for math and humaneval" in err
+    mmlu = write_mmlu(tmp_path)
+    endpoint = ("--endpoint", "http://127.0.0.1:9/v1", "--served-model", "m")
+    for extra, message in ((("--sandbox-timeout", "10"), "--sandbox-timeout and --sandbox-memory are for humaneval"),
+                           (("--sandbox-memory", "64"), "--sandbox-timeout and --sandbox-memory are for humaneval"),
+                           (("--temperature", "0.5"), "--temperature is for math, humaneval and mt_bench"),
+                           (("--samples", "0"), "expected a positive integer")):
+        code, _, err = run("mmlu", "--data", str(mmlu), *endpoint, *extra)
+        assert code != 0 and message in err, (extra, err)
+    for value, ok in (("2", True), ("2.01", False), ("-0.1", False), ("nan", False)):
+        code, _, err = run("math", "--data", str(write_math(tmp_path / value)), *endpoint, "--temperature", value,
+                               "--samples", "2", "--output-dir", str(tmp_path / f"o{value}"), "--no-progress")
+        # A valid temperature gets as far as the (unreachable) endpoint.
+        assert ("cannot reach the model endpoint" in err) == ok and code != 0, (value, err)
 
 
 # ---------------------------------------------------------------------------------------- MMLU

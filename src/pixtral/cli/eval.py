@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from pixtral.eval.tasks import TASK_NAMES
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a model on a benchmark (paper protocol, resumable)",
         description=(
             "Evaluate a model with the Pixtral paper's protocol (Explicit prompts, greedy decoding, strict and "
-            "flexible parsing) plus the released mistral-evals metrics for comparison. Results go to "
+            "flexible parsing) plus the released mistral-evals metrics for comparison, or on the paper's "
+            "language table with each benchmark's common protocol (docs/language_evaluation.md). Results go to "
             "OUTPUT_DIR/TASK.json, TASK.items.jsonl (per item, written as results arrive; re-running the same "
             "command resumes), TASK.md and TASK.png."
         ),
@@ -109,9 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="seed the samples' seeds come from (each sample's depends on it, the problem "
                                "and its index; default 0)")
     sandbox = parser.add_argument_group("humaneval sandbox (limits per program)")
-    sandbox.add_argument("--sandbox-timeout", type=_positive_float, default=10.0, metavar="S",
+    sandbox.add_argument("--sandbox-timeout", type=_positive_float, metavar="S",
                          help="wall-clock seconds per program (default 10; CPU time is limited to the same)")
-    sandbox.add_argument("--sandbox-memory", type=_positive_int, default=1024, metavar="MB",
+    sandbox.add_argument("--sandbox-memory", type=_positive_int, metavar="MB",
                          help="address space per process in MiB (default 1024)")
     judge = parser.add_argument_group("judge (mm_mt_bench and mt_bench)")
     judge.add_argument("--judge-endpoint", metavar="URL",
@@ -193,7 +195,7 @@ def _check_task_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature is for math, humaneval and mt_bench; {args.task} is greedy by protocol")
     if args.temperature is not None and args.temperature > 2:
         raise ConfigError(f"--temperature must be from 0 to 2, got {args.temperature}")
-    if args.task != "humaneval" and (args.sandbox_timeout != 10.0 or args.sandbox_memory != 1024):
+    if args.task != "humaneval" and (args.sandbox_timeout is not None or args.sandbox_memory is not None):
         raise ConfigError("--sandbox-timeout and --sandbox-memory are for humaneval")
 
 
@@ -214,9 +216,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "humaneval":
         from pixtral.eval.sandbox import SandboxLimits
 
-        seconds = args.sandbox_timeout
-        sandbox = SandboxLimits(timeout_s=seconds, cpu_s=max(1, int(seconds + 0.999)),
-                                memory_bytes=args.sandbox_memory << 20)
+        seconds = args.sandbox_timeout or SandboxLimits.timeout_s
+        sandbox = SandboxLimits(timeout_s=seconds, cpu_s=max(1, math.ceil(seconds)),
+                                memory_bytes=(args.sandbox_memory or SandboxLimits.memory_bytes >> 20) << 20)
     backend = _backend(args)
     try:
         config = RunConfig(task=args.task, data=args.data, output_dir=args.output_dir, limit=args.limit,
