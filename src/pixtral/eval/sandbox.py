@@ -73,7 +73,7 @@ OUTPUT_CHARS = 2000
 _KILL_GRACE_S = 3.0  # how long we wait for killed processes to be gone
 _UNSHARE = "/usr/bin/unshare"
 _UID_BASE = 2_000_000_000
-_SLOTS = 1024  # concurrent runs per host process
+_SLOTS = 256  # concurrent runs per host process (the uid range of every pid up to 2**22 stays below 2**32)
 _LAUNCHER_SRC = (Path(__file__).with_name("sandbox_launch.py")).read_text()
 
 _KILL_UID_SRC = """
@@ -121,8 +121,8 @@ class _UidPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._free = list(range(_SLOTS))
-        # Different host processes (e.g. two eval runs) get disjoint ranges.
-        self.first = _UID_BASE + (os.getpid() % 2_000_000) * _SLOTS
+        # Live processes have distinct pids, so two eval runs never share a uid.
+        self.first = _UID_BASE + os.getpid() * _SLOTS
 
     def acquire(self) -> int:
         with self._lock:
@@ -143,7 +143,7 @@ _module_lock = threading.Lock()
 def _pool() -> _UidPool:
     global _uid_pool
     with _module_lock:
-        if _uid_pool is None or _uid_pool.first != _UID_BASE + (os.getpid() % 2_000_000) * _SLOTS:
+        if _uid_pool is None or _uid_pool.first != _UID_BASE + os.getpid() * _SLOTS:
             _uid_pool = _UidPool()  # new after a fork, too
         return _uid_pool
 
@@ -306,9 +306,8 @@ class Sandbox:
             isolation.append("mount")
             if not self._root:
                 isolation.append("user (no capabilities)")
-        if self._root:
-            first = _pool().first
-            isolation.append(f"uid {first}-{first + _SLOTS - 1} (one per concurrent run)")
+        if self._root:  # no numbers: the description must not change from one process to the next
+            isolation.append("an unprivileged uid per concurrent run")
         if "/" in mounts.get("readonly", []):
             isolation.append("read-only root")
         if mounts.get("tmpfs"):
@@ -332,6 +331,15 @@ class Sandbox:
             "python": self._python,
             "hidden": mounts.get("hidden", []),
         }
+
+    def _hide_points(self) -> list[str]:
+        """Host places to cover in the mount namespace: /run's Unix sockets, and the home of a
+        non-root caller (its keys and tokens are readable to the namespace's root, which is it)."""
+        points = ["/run", "/var/run"]
+        home = os.path.expanduser("~")
+        if not self._root and home not in ("/", "") and os.path.isdir(home):
+            points.append(home)
+        return points
 
     def run(self, program: str) -> Execution:
         return self._execute(program, self.limits, self._prefix, self._namespaces)[0]
@@ -361,6 +369,7 @@ class Sandbox:
                 "tmpfs_bytes": limits.tmpfs_bytes,
                 "python": self._python,
                 "expose": self._expose,
+                "hide": self._hide_points(),
                 "uid": uid,
                 "gid": uid,
                 "drop_caps": namespaces and not self._root,

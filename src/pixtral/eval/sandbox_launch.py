@@ -105,8 +105,34 @@ def expose(paths):
     return ["%s (only %s)" % (anc, p) for p, anc in plan]
 
 
-def setup_mounts(tmpfs_bytes, expose_paths):
-    """Private tmpfs on the writable scratch places, everything else read-only."""
+def hide(points, keep):
+    """Cover `points` with empty tmpfs: /run holds host Unix sockets (a read-only mount still lets
+    a program connect to them), and a non-root caller's home its keys and tokens. A point that
+    holds the interpreter (in `keep`) gets it bound back, as `expose` does."""
+    hidden = []
+    for point in points:
+        if not os.path.isdir(point) or os.path.islink(point):
+            continue
+        inside = [p for p in keep if p == point or p.startswith(point.rstrip("/") + "/")]
+        staged = []
+        for i, p in enumerate(inside):
+            stage = "/tmp/.keep%d" % i
+            os.mkdir(stage, 0o700)
+            _mount(p, stage, None, MS_BIND | MS_REC, None)
+            staged.append((p, stage))
+        _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        for p, stage in staged:
+            os.makedirs(p, 0o755, exist_ok=True)
+            _mount(stage, p, None, MS_BIND | MS_REC, None)
+            _libc.umount2(stage.encode(), MNT_DETACH)
+            os.rmdir(stage)
+        hidden.append(point + (" (only %s)" % ", ".join(inside) if inside else ""))
+    return hidden
+
+
+def setup_mounts(tmpfs_bytes, expose_paths, hide_points=()):
+    """Private tmpfs on the writable scratch places, hidden host sockets and home, everything
+    else read-only."""
     held = {"tmpfs": [], "readonly": [], "readonly_failed": []}
     for point in TMPFS_POINTS:
         if not os.path.isdir(point):
@@ -114,7 +140,7 @@ def setup_mounts(tmpfs_bytes, expose_paths):
         _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV,
                "size=%d,mode=1777" % tmpfs_bytes)
         held["tmpfs"].append(point)
-    held["hidden"] = expose(expose_paths)
+    held["hidden"] = expose(expose_paths) + hide(hide_points, expose_paths)
     seen = set()
     for point, opts in list(_mounts()):
         if point in seen or point in TMPFS_POINTS:
@@ -195,7 +221,7 @@ def main():
 
         probe = {}
         if cfg["namespaces"]:
-            probe.update(setup_mounts(cfg["tmpfs_bytes"], cfg.get("expose", [])))
+            probe.update(setup_mounts(cfg["tmpfs_bytes"], cfg.get("expose", []), cfg.get("hide", [])))
             workdir = "/tmp/work"
             os.mkdir(workdir, 0o700)
         else:

@@ -50,7 +50,8 @@ class Decoding:
     def key(self) -> dict[str, Any]:
         """What a resumed run must share beyond max_tokens and temperature (nothing for greedy tasks,
         so results written before samples existed still resume)."""
-        key: dict[str, Any] = {"samples": self.samples, "seed": self.seed} if self.seed is not None else {}
+        sampled = self.seed is not None or self.samples > 1
+        key: dict[str, Any] = {"samples": self.samples, "seed": self.seed} if sampled else {}
         if self.by_category:
             key["temperature_by_category"] = True
         return key
@@ -86,6 +87,10 @@ class Task:
     def settings(self) -> dict[str, Any]:
         """Task-specific settings for TASK.json."""
         return {}
+
+    def request_log(self, item: Any, decoding: Decoding, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """What TASK.items.jsonl records of the request."""
+        return {"messages": messages, "max_tokens": decoding.max_tokens, "temperature": decoding.temperature}
 
     def query(self, item: Any, backend: Any, decoding: Decoding, partial: Any = None) -> str:
         """The model's answer to one item: one request with the item's messages."""
