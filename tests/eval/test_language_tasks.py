@@ -391,7 +391,7 @@ def test_math_reads_math500_jsonl_and_names_bad_records(tmp_path):
         '{"problem": "x"}\n': "line 1: needs field 'answer' or 'solution'",
         '{"problem": "x", "solution": "no box"}\n': "line 1: field 'solution' has no \\boxed{} answer",
         '{"solution": "\\\\boxed{1}"}\n': "line 1: field 'problem' is missing or empty",
-        '{"problem": "x", "answer": 1}\nnot json\n': "line 2: not JSON",
+        '{"problem": "x", "answer": 1}\nnot json\n': "line 2: not valid JSON",
         '[1, 2]\n': "line 1: expected a JSON object",
         '\n': "no problems in this file",
     }

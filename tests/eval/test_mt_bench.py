@@ -278,11 +278,6 @@ def test_judge_request_failure_propagates():
         mt_bench.MTBenchJudge(Failing([])).rate(item("writing"), ["a", "b"])
 
 
-def test_average_like_show_result():
-    rows = [{"ratings": [8.0, 6.0]}, {"ratings": [10.0, None]}, {"ratings": [None, 4.0]}]
-    assert mt_bench.average(rows) == {"turn_1": 9.0, "turn_2": 5.0, "overall": 7.0, "rated": 4, "unrated": 2}
-
-
 def test_answer_temperatures():
     assert mt_bench.answer_temperature("writing") == 0.7 and mt_bench.answer_temperature("math") == 0.0
     assert mt_bench.answer_temperature("stem") == 0.1 and mt_bench.answer_temperature("other") == 0.7

@@ -212,13 +212,11 @@ def test_writes_outside_the_workdir(sandbox, tmp_path):
 
 # -- network -------------------------------------------------------------------
 
-def test_no_network(sandbox):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+def received_while(server: socket.socket, action) -> list[bytes]:
+    """What clients send to a listening `server` while `action()` runs (and shortly after)."""
     server.listen(5)
     server.settimeout(0.2)
-    port = server.getsockname()[1]
-    got = []
+    got: list[bytes] = []
     stop = threading.Event()
 
     def accept():
@@ -233,19 +231,25 @@ def test_no_network(sandbox):
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        run(sandbox, f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                     "s.sendall(b'leak')\ns.close()\n")
+        action()
         time.sleep(0.3)
     finally:
         stop.set()
         thread.join(5)
         server.close()
+    return got
+
+
+def test_no_network(sandbox):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got = received_while(server, lambda: run(sandbox, f"import socket\ns = socket.create_connection(('127.0.0.1', "
+                                                      f"{port}), timeout=1)\ns.sendall(b'leak')\ns.close()\n"))
     if not is_isolated(sandbox):
         pytest.xfail("fallback mode does not isolate the network (documented)")
     assert got == []
 
-
-# -- secrets -------------------------------------------------------------------
 
 def test_no_host_unix_sockets(sandbox):
     """A read-only mount does not stop connect(): host sockets live in /run, which the sandbox covers."""
@@ -255,30 +259,10 @@ def test_no_host_unix_sockets(sandbox):
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     os.chmod(path, 0o777)  # anyone may connect: only the sandbox can keep a program away
-    server.listen(5)
-    server.settimeout(0.2)
-    got = []
-    stop = threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            got.append(conn.recv(100))
-            conn.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
     try:
-        run(sandbox, f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\n"
-                     "s.sendall(b'leak')\ns.close()\n")
-        time.sleep(0.3)
+        got = received_while(server, lambda: run(sandbox, f"import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                                                          f"s.connect({path!r})\ns.sendall(b'leak')\ns.close()\n"))
     finally:
-        stop.set()
-        thread.join(5)
-        server.close()
         os.unlink(path)
     if not is_isolated(sandbox):
         pytest.xfail("fallback mode does not hide host sockets (documented)")

@@ -8,7 +8,9 @@ loaded whole.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -87,6 +89,28 @@ def text_of(content: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- files
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file (gzipped when it ends in .gz);
+    an unreadable file, bad JSON or a line that is not an object is a DataError naming the line."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+                rows.append((number, row))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    return rows
 
 
 def _split_of(path: Path) -> str | None:

@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import re
 import secrets
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
-from pixtral.eval.data import Dataset, Item, hash_files, iter_rows, resolve_table_files
+from pixtral.eval.data import Dataset, Item, hash_files, iter_rows, read_jsonl, resolve_table_files
 from pixtral.eval.errors import DataError
 
 INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a "
@@ -100,21 +98,7 @@ def _jsonl_file(root: Path) -> Path | None:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    records = []
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {number}"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc})") from exc
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    return records
+    return [(f"{path} line {number}", record) for number, record in read_jsonl(path)]
 
 
 def _validate(where: str, record: Any) -> dict[str, str]:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from pixtral.eval.data import Dataset, Item, hash_files
+from pixtral.eval.data import Dataset, Item, hash_files, read_jsonl
 from pixtral.eval.errors import DataError
 
 # Zero-shot chain of thought with the boxed answer: the instruction most instruction-tuned models are
@@ -94,23 +94,7 @@ def load(path: str | Path, limit: int | None = None) -> Dataset:
 
 
 def _load_jsonl(path: Path, limit: int | None) -> Dataset:
-    records: list[tuple[int, dict[str, Any]]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object")
-        records.append((number, record))
-        if limit is not None and len(records) >= limit:
-            break
+    records = read_jsonl(path)[:limit]
     if not records:
         raise DataError(f"{path}: no problems in this file")
 

@@ -11,7 +11,8 @@ Protocol as in lm-sys/FastChat `fastchat/llm_judge` (read at commit 0e6d3e4beaab
   answer), filled as `common.run_judge_single` does; judged at temperature 0 with max_tokens 2048.
 - rating: `common.one_score_pattern` (`[[n]]`), else `one_score_pattern_backup` (`[n]`).
 - answers: `gen_model_answer.py --max-new-token 1024`, temperature by category (`common.temperature_config`).
-- scores (`show_result.py`): unrated judgments dropped, then the mean per turn and the mean over all.
+- scores (`show_result.py`; `language_tasks.MTBenchTask.aggregate`): unrated judgments dropped, then the
+  mean per turn and the mean over all.
 
 Our deviations: FastChat asks the judge once and records -1 when the reply has no rating; we ask again,
 at most `attempts` times in all (`attempts=1` is FastChat's behaviour), and leave a turn that still has
@@ -20,14 +21,13 @@ none unrated. FastChat also keeps any number it parses; we treat ratings outside
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pixtral.eval.backends import Backend
-from pixtral.eval.data import Dataset, Item, hash_files
+from pixtral.eval.data import Dataset, Item, hash_files, read_jsonl
 from pixtral.eval.errors import DataError
 
 TASK = "mt_bench"
@@ -140,24 +140,6 @@ def answer_temperature(category: str) -> float:
 # ------------------------------------------------------------------------------------------ data
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; bad JSON or non-objects are DataErrors."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        yield number, row
-
-
 def _question_id(path: Path, number: int, row: dict[str, Any]) -> str:
     qid = row.get("question_id")
     if qid is None:
@@ -184,7 +166,7 @@ def _string_list(path: Path, number: int, field_name: str, value: Any, *, allow_
 def _read_references(path: Path) -> dict[str, tuple[int, list[str]]]:
     """question_id -> (line number, choices[0].turns) of a FastChat reference answer file."""
     refs: dict[str, tuple[int, list[str]]] = {}
-    for number, row in _read_jsonl(path):
+    for number, row in read_jsonl(path):
         qid = _question_id(path, number, row)
         if qid in refs:
             raise DataError(f"{path} line {number} field 'question_id': duplicate id {qid} "
@@ -218,7 +200,7 @@ def load(path: str | Path, limit: int | None = None, *, row_references: bool = F
     question_file, reference_file = _resolve(path)
     rows: list[tuple[int, str, str, list[str], list[str] | None]] = []
     seen: dict[str, int] = {}
-    for number, row in _read_jsonl(question_file):
+    for number, row in read_jsonl(question_file):
         qid = _question_id(question_file, number, row)
         if qid in seen:
             raise DataError(f"{question_file} line {number} field 'question_id': duplicate id {qid} "
@@ -364,22 +346,3 @@ class MTBenchJudge:
             result.rationales.append(reply)
             result.attempts.append(attempt)
         return result
-
-
-def average(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Scores as show_result.py computes them from `TurnJudgements.row()` dicts: unrated turns dropped,
-    the mean per turn ("turn_1", "turn_2") and the mean over all rated turns pooled ("overall")."""
-    per_turn: dict[int, list[float]] = {}
-    unrated = 0
-    for row in rows:
-        for turn, rating in enumerate(row["ratings"], 1):
-            if rating is None:
-                unrated += 1
-            else:
-                per_turn.setdefault(turn, []).append(float(rating))
-    pooled = [r for ratings in per_turn.values() for r in ratings]
-    result: dict[str, Any] = {f"turn_{t}": sum(v) / len(v) for t, v in sorted(per_turn.items())}
-    result["overall"] = sum(pooled) / len(pooled) if pooled else None
-    result["rated"] = len(pooled)
-    result["unrated"] = unrated
-    return result
