@@ -193,15 +193,22 @@ def _world_reachable(path: str) -> bool:
         return False
 
 
+# Host places the mount namespace covers: an interpreter inside one is bound back into it.
+COVERED_POINTS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", os.path.expanduser("~"))
+
+
 def _interpreter(namespaces: bool) -> tuple[str, list[str], list[str]]:
     """(python for the program, paths to expose in the mount namespace, notes)."""
     exe = sys.executable
+    if namespaces:
+        # A virtual environment under /tmp (a CI checkout) or a pyenv under /root must stay visible.
+        paths = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
+        covered = [p for p in paths if any(p == c or p.startswith(c.rstrip("/") + "/") for c in COVERED_POINTS)]
+        private = [p for p in paths if os.geteuid() == 0 and not _world_reachable(p)]
+        return exe, sorted(set(covered + private)), []
     needed = [exe, os.path.join(sys.base_prefix, "lib")]
     if os.geteuid() != 0 or all(_world_reachable(p) for p in needed):
         return exe, [], []
-    if namespaces:
-        paths = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
-        return exe, [p for p in paths if not _world_reachable(p)], []
     alt = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
     if _world_reachable(alt):
         return alt, [], [f"{exe} is not readable by the sandbox uid; programs run with {alt}"]

@@ -81,11 +81,16 @@ def _blocked_ancestor(path):
     return None
 
 
+def _under(path, points):
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in points)
+
+
 def expose(paths):
     """Make `paths` reachable for the unprivileged uid when an ancestor is private
     (e.g. an interpreter under /root): cover that ancestor with an empty tmpfs
-    and bind only `paths` back into it. The rest of the ancestor stays hidden."""
-    plan = [(p, _blocked_ancestor(p)) for p in paths]
+    and bind only `paths` back into it. The rest of the ancestor stays hidden.
+    Paths below the private tmpfs points are bound back by `setup_mounts`."""
+    plan = [(p, _blocked_ancestor(p)) for p in paths if not _under(p, TMPFS_POINTS)]
     plan = [(p, anc) for p, anc in plan if anc is not None]
     staged = []
     for i, (p, _) in enumerate(plan):
@@ -134,12 +139,20 @@ def setup_mounts(tmpfs_bytes, expose_paths, hide_points=()):
     """Private tmpfs on the writable scratch places, hidden host sockets and home, everything
     else read-only."""
     held = {"tmpfs": [], "readonly": [], "readonly_failed": []}
+    # An interpreter below a point about to be covered (a virtual environment in /tmp) is held
+    # open now and bound back afterwards through its /proc/self/fd link.
+    kept = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in expose_paths
+            if _under(p, TMPFS_POINTS) and os.path.isdir(p)}
     for point in TMPFS_POINTS:
         if not os.path.isdir(point):
             continue
         _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV,
                "size=%d,mode=1777" % tmpfs_bytes)
         held["tmpfs"].append(point)
+    for path, fd in kept.items():
+        os.makedirs(path, 0o755, exist_ok=True)
+        _mount("/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC, None)
+        os.close(fd)
     held["hidden"] = expose(expose_paths) + hide(hide_points, expose_paths)
     seen = set()
     for point, opts in list(_mounts()):
