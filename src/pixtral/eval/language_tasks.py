@@ -30,7 +30,8 @@ from pixtral.errors import ConfigError
 from pixtral.eval.backends import RequestFailed
 from pixtral.eval.errors import BackendError, EndpointUnreachableError
 from pixtral.eval import tasks as _registry
-from pixtral.eval.tasks import Decoding, ItemScore, Task
+from pixtral.eval import mt_bench
+from pixtral.eval.tasks import Decoding, ItemScore, Task, mean_or_none, row_score
 
 # Table 3 of the paper (text-only benchmarks), as printed.
 PAPER_TABLE3: dict[str, dict[str, float]] = {
@@ -41,9 +42,8 @@ PAPER_TABLE3: dict[str, dict[str, float]] = {
     "Llama-3.2 11B": {"mt_bench": 7.51, "mmlu": 68.5, "math": 48.3, "humaneval": 62.8},
 }
 PAPER_COLUMNS = {"mt_bench": "MT-Bench", "mmlu": "MMLU (5-shot)", "math": "Math (Maj@1)", "humaneval": "HumanEval (Pass@1)"}
-HEADLINE = {"mt_bench": "score", "mmlu": "accuracy", "math": "maj_at_k", "humaneval": "pass@1"}
 
-MAX_TOKENS = {"mt_bench": 1024, "mmlu": 32, "math": 2048, "humaneval": 1024}
+MAX_TOKENS = {"mt_bench": mt_bench.MAX_TOKENS, "mmlu": 32, "math": 2048, "humaneval": 1024}
 # With several samples: Minerva's maj@k temperature for MATH, Codex's pass@k (k >= 10) one for HumanEval.
 SAMPLE_TEMPERATURE = {"math": 0.6, "humaneval": 0.8}
 MMLU_TOP_LOGPROBS = 20  # the most OpenAI's API returns
@@ -55,14 +55,6 @@ def _unfinished(exc: Exception, answers: list[Any]) -> Exception:
     return exc
 
 
-def _mean(values: list[float]) -> float | None:
-    return mean(values) if values else None
-
-
-def _ok_score(row: dict[str, Any], key: str) -> float:
-    return float((row.get("scores") or {}).get(key, 0.0)) if row.get("status") == "ok" else 0.0
-
-
 def _counts(row: dict[str, Any], key: str) -> bool:
     """Whether a row counts in the mean of `key`: scored with it, or failed (a failed item is wrong). An
     MMLU answer the endpoint sent without logprobs has no logprob score and is left out of that mean."""
@@ -70,7 +62,7 @@ def _counts(row: dict[str, Any], key: str) -> bool:
 
 
 def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
-    return _mean([_ok_score(r, key) for r in rows if _counts(r, key)])
+    return mean_or_none([row_score(r, key) for r in rows if _counts(r, key)])
 
 
 def _grouped(rows: list[dict[str, Any]], group_of, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -89,7 +81,7 @@ def _sort_key(name: str) -> tuple:
 class LanguageTask(Task):
     """Shared by the four: text prompts, greedy unless sampling, accuracy-style progress."""
 
-    headline: str = ""
+    headline: str = ""  # the metric set beside the paper's Table 3
 
     @property
     def needs_judge(self) -> bool:
@@ -97,22 +89,20 @@ class LanguageTask(Task):
 
     def decoding(self, config: Any) -> Decoding:
         max_tokens = config.max_tokens or MAX_TOKENS[self.name]
-        samples = getattr(config, "samples", 1) or 1
+        samples = config.samples
         if samples > 1 and self.name not in SAMPLE_TEMPERATURE:
             raise ConfigError(f"--samples is for math and humaneval, not {self.name}")
-        temperature = getattr(config, "temperature", None)
+        temperature = config.temperature
         if temperature is None:
             temperature = SAMPLE_TEMPERATURE[self.name] if samples > 1 else 0.0
-        if temperature == 0.0:
-            return Decoding(max_tokens, 0.0, samples, None)
-        return Decoding(max_tokens, temperature, samples, getattr(config, "seed", 0) or 0)
+        return Decoding(max_tokens, temperature, samples, config.seed if temperature else None)
 
     @property
     def score_keys(self) -> tuple[str, ...]:
         return (self.headline,)
 
     def progress_values(self, row: dict[str, Any]) -> dict[str, float]:
-        return {self.headline: _ok_score(row, self.headline)}
+        return {self.headline: row_score(row, self.headline)}
 
     def format_running(self, totals: dict[str, float], count: int) -> str:
         return f"{self.headline} {100 * totals.get(self.headline, 0.0) / count:.1f}%" if count else ""
@@ -142,13 +132,12 @@ class MTBenchTask(LanguageTask):
     def decoding(self, config: Any) -> Decoding:
         """FastChat's temperature per category (seeded where it samples), unless --temperature sets one
         for all (0: greedy everywhere)."""
-        if (getattr(config, "samples", 1) or 1) > 1:
+        if config.samples > 1:
             raise ConfigError("--samples is for math and humaneval, not mt_bench")
         max_tokens = config.max_tokens or MAX_TOKENS[self.name]
-        temperature = getattr(config, "temperature", None)
-        if temperature is None:
-            return Decoding(max_tokens, 0.0, 1, getattr(config, "seed", 0) or 0, by_category=True)
-        return Decoding(max_tokens, temperature, 1, (getattr(config, "seed", 0) or 0) if temperature else None)
+        if config.temperature is None:
+            return Decoding(max_tokens, 0.0, 1, config.seed, by_category=True)
+        return Decoding(max_tokens, config.temperature, 1, config.seed if config.temperature else None)
 
     @property
     def score_keys(self) -> tuple[str, ...]:
@@ -209,7 +198,7 @@ class MTBenchTask(LanguageTask):
                     per_category[str(row["meta"]["category"])].append(float(rating))
         rated = [r for values in per_turn.values() for r in values]
         return {
-            "score": _mean(rated),
+            "score": mean_or_none(rated),
             "per_turn": {k: mean(v) for k, v in sorted(per_turn.items(), key=lambda kv: int(kv[0]))},
             "per_category": {k: mean(v) for k, v in sorted(per_category.items())},
             "rated_turns": len(rated),
@@ -251,7 +240,7 @@ class MMLUTask(LanguageTask):
         result: dict[str, Any] = {}
         for key in keys:
             result[key] = _mean_of(rows, key)
-            result[f"macro_{key}"] = _mean([group[key] for group in per_subject.values() if group[key] is not None])
+            result[f"macro_{key}"] = mean_or_none([group[key] for group in per_subject.values() if group[key] is not None])
         if not with_logprobs:
             result["logprob_accuracy"] = None  # the endpoint gave no logprobs
         result["logprob_scored"] = sum(1 for r in rows if "logprob_accuracy" in (r.get("scores") or {}))
@@ -303,7 +292,7 @@ class HumanEvalTask(LanguageTask):
         from pixtral.eval.sandbox import Sandbox, SandboxLimits
 
         try:
-            sandbox = Sandbox(getattr(config, "sandbox", None) or SandboxLimits())
+            sandbox = Sandbox(config.sandbox or SandboxLimits())
         except (RuntimeError, OSError) as exc:  # not even a plain child process with limits can run here
             raise BackendError(f"humaneval: cannot run the samples in a sandbox on this machine ({exc})") from exc
         slots = min(64, max(1, os.cpu_count() or 1))
@@ -364,7 +353,7 @@ class HumanEvalTask(LanguageTask):
 
 
 TASKS: dict[str, Task] = {
-    "mt_bench": MTBenchTask("mt_bench", "mt_bench"),
+    "mt_bench": MTBenchTask("mt_bench", "mt_bench", headline="score"),
     "mmlu": MMLUTask("mmlu", "mmlu", headline="accuracy"),
     "math": MathTask("math", "math", headline="maj_at_k"),
     "humaneval": HumanEvalTask("humaneval", "humaneval", headline="pass@1"),

@@ -307,27 +307,24 @@ def extract_letter(answer: str) -> str | None:
     unless that word is a verb or conjunction such as "is", "or", "because" ("A is correct", "A or B").
     Never raises; None also for empty or non-string input.
     """
-    try:
-        if not isinstance(answer, str):
-            return None
-        text = answer.replace("*", "").replace("_", "").strip()
-        if not text:
-            return None
-        found = set()
-        for pattern in _EXPLICIT:
-            for m in pattern.finditer(text):
-                if not _is_article(text, m.end(1)):
-                    found.add(m.group(1))
-        lead = _LEADING.match(text)
-        if lead and not _is_article(text, lead.end(1)):
-            if _ALTERNATIVE.match(text, lead.end(1)):
-                return None  # "A or B", "B/C", "C, D"
-            found.add(lead.group(1))
-        if not found:
-            found = {m.group(1) for m in re.finditer(_LETTER, text) if not _is_article(text, m.end(1))}
-        return found.pop() if len(found) == 1 else None
-    except Exception:  # noqa: BLE001 - scoring must never crash a run
+    if not isinstance(answer, str):
         return None
+    text = answer.replace("*", "").replace("_", "").strip()
+    if not text:
+        return None
+    found = set()
+    for pattern in _EXPLICIT:
+        for m in pattern.finditer(text):
+            if not _is_article(text, m.end(1)):
+                found.add(m.group(1))
+    lead = _LEADING.match(text)
+    if lead and not _is_article(text, lead.end(1)):
+        if _ALTERNATIVE.match(text, lead.end(1)):
+            return None  # "A or B", "B/C", "C, D"
+        found.add(lead.group(1))
+    if not found:
+        found = {m.group(1) for m in re.finditer(_LETTER, text) if not _is_article(text, m.end(1))}
+    return found.pop() if len(found) == 1 else None
 
 
 def letter_from_top_logprobs(top: list[tuple[str, float]] | None) -> tuple[str | None, dict[str, float]]:

@@ -47,17 +47,19 @@ def _group_keys(metrics: dict[str, Any]) -> list[str]:
 
 def _paper_rows(result: dict[str, Any]) -> list[str]:
     """Our figure beside the paper's Table 3 column for this task (the language tasks only)."""
-    from pixtral.eval.language_tasks import HEADLINE, PAPER_COLUMNS, PAPER_TABLE3
+    from pixtral.eval.language_tasks import PAPER_COLUMNS, PAPER_TABLE3
+    from pixtral.eval.tasks import TASKS
 
     task = result["task"]
     if task not in PAPER_COLUMNS:
         return []
-    ours = result["metrics"].get(HEADLINE[task])
+    headline = TASKS[task].headline
+    ours = result["metrics"].get(headline)
     if ours is None:
         shown = "n/a"
     else:
         shown = f"{ours:.2f}" if task == "mt_bench" else f"{100 * ours:.1f}"
-    label = _label(HEADLINE[task], result)
+    label = _label(headline, result)
     lines = ["", f"Beside the paper's Table 3 ({PAPER_COLUMNS[task]}; the paper names no harness, so its "
              "figures come from protocols that may differ from ours in prompts and parsing):", "",
              f"| Model | {PAPER_COLUMNS[task]} |", "|---|---|", f"| **{model_name(result)}** (this run, {label}) | "

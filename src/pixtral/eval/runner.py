@@ -369,7 +369,7 @@ def _result(run: _Run, dataset: Dataset, paths: dict[str, Path], started: float)
             "model": run.backend.describe(), "temperature": run.decoding.temperature,
             "max_tokens": run.decoding.max_tokens, **run.decoding.key(),
             "concurrency": config.concurrency, "limit": config.limit, "blank_images": config.blank_images,
-            "judge": judge.describe() if judge else None, "scoring": SCORING_NOTES.get(task.kind) or task.scoring,
+            "judge": judge.describe() if judge else None, "scoring": SCORING_NOTES[task.kind],
             "numeric_tolerance": task.tolerance if task.kind == "levels" else None, **task.settings(),
         },
         "data": {"path": str(config.data), "files": [str(f) for f in dataset.files], "sha256": dataset.sha256},

@@ -193,8 +193,11 @@ def _world_reachable(path: str) -> bool:
         return False
 
 
-# Host places the mount namespace covers: an interpreter inside one is bound back into it.
-COVERED_POINTS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", os.path.expanduser("~"))
+# What the mount namespace covers: private tmpfs on the scratch places, and an empty one on /run
+# (host Unix sockets; a read-only mount still lets a program connect to them). An interpreter below
+# any of them, or below the home directory, is bound back into it.
+TMPFS_POINTS = ("/tmp", "/var/tmp", "/dev/shm")
+HIDDEN_POINTS = ("/run", "/var/run")
 
 
 def _interpreter(namespaces: bool) -> tuple[str, list[str], list[str]]:
@@ -203,7 +206,8 @@ def _interpreter(namespaces: bool) -> tuple[str, list[str], list[str]]:
     if namespaces:
         # A virtual environment under /tmp (a CI checkout) or a pyenv under /root must stay visible.
         paths = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
-        covered = [p for p in paths if any(p == c or p.startswith(c.rstrip("/") + "/") for c in COVERED_POINTS)]
+        points = (*TMPFS_POINTS, *HIDDEN_POINTS, os.path.expanduser("~"))
+        covered = [p for p in paths if any(p == c or p.startswith(c.rstrip("/") + "/") for c in points)]
         private = [p for p in paths if os.geteuid() == 0 and not _world_reachable(p)]
         return exe, sorted(set(covered + private)), []
     needed = [exe, os.path.join(sys.base_prefix, "lib")]
@@ -340,9 +344,9 @@ class Sandbox:
         }
 
     def _hide_points(self) -> list[str]:
-        """Host places to cover in the mount namespace: /run's Unix sockets, and the home of a
-        non-root caller (its keys and tokens are readable to the namespace's root, which is it)."""
-        points = ["/run", "/var/run"]
+        """Host places to cover with an empty tmpfs: HIDDEN_POINTS, and the home of a non-root
+        caller (its keys and tokens are readable to the namespace's root, which is it)."""
+        points = list(HIDDEN_POINTS)
         home = os.path.expanduser("~")
         if not self._root and home not in ("/", "") and os.path.isdir(home):
             points.append(home)
@@ -376,6 +380,7 @@ class Sandbox:
                 "tmpfs_bytes": limits.tmpfs_bytes,
                 "python": self._python,
                 "expose": self._expose,
+                "tmpfs_points": list(TMPFS_POINTS),
                 "hide": self._hide_points(),
                 "uid": uid,
                 "gid": uid,

@@ -39,7 +39,6 @@ _FLAG_OPTS = {
     "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
     "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME,
 }
-TMPFS_POINTS = ("/tmp", "/var/tmp", "/dev/shm")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -85,12 +84,12 @@ def _under(path, points):
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in points)
 
 
-def expose(paths):
+def expose(paths, tmpfs_points):
     """Make `paths` reachable for the unprivileged uid when an ancestor is private
     (e.g. an interpreter under /root): cover that ancestor with an empty tmpfs
     and bind only `paths` back into it. The rest of the ancestor stays hidden.
     Paths below the private tmpfs points are bound back by `setup_mounts`."""
-    plan = [(p, _blocked_ancestor(p)) for p in paths if not _under(p, TMPFS_POINTS)]
+    plan = [(p, _blocked_ancestor(p)) for p in paths if not _under(p, tmpfs_points)]
     plan = [(p, anc) for p, anc in plan if anc is not None]
     staged = []
     for i, (p, _) in enumerate(plan):
@@ -135,15 +134,15 @@ def hide(points, keep):
     return hidden
 
 
-def setup_mounts(tmpfs_bytes, expose_paths, hide_points=()):
+def setup_mounts(tmpfs_bytes, tmpfs_points, expose_paths, hide_points):
     """Private tmpfs on the writable scratch places, hidden host sockets and home, everything
     else read-only."""
     held = {"tmpfs": [], "readonly": [], "readonly_failed": []}
     # An interpreter below a point about to be covered (a virtual environment in /tmp) is held
     # open now and bound back afterwards through its /proc/self/fd link.
     kept = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in expose_paths
-            if _under(p, TMPFS_POINTS) and os.path.isdir(p)}
-    for point in TMPFS_POINTS:
+            if _under(p, tmpfs_points) and os.path.isdir(p)}
+    for point in tmpfs_points:
         if not os.path.isdir(point):
             continue
         _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV,
@@ -153,10 +152,10 @@ def setup_mounts(tmpfs_bytes, expose_paths, hide_points=()):
         os.makedirs(path, 0o755, exist_ok=True)
         _mount("/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC, None)
         os.close(fd)
-    held["hidden"] = expose(expose_paths) + hide(hide_points, expose_paths)
+    held["hidden"] = expose(expose_paths, tmpfs_points) + hide(hide_points, expose_paths)
     seen = set()
     for point, opts in list(_mounts()):
-        if point in seen or point in TMPFS_POINTS:
+        if point in seen or point in tmpfs_points:
             continue
         seen.add(point)
         flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
@@ -234,7 +233,7 @@ def main():
 
         probe = {}
         if cfg["namespaces"]:
-            probe.update(setup_mounts(cfg["tmpfs_bytes"], cfg.get("expose", []), cfg.get("hide", [])))
+            probe.update(setup_mounts(cfg["tmpfs_bytes"], cfg["tmpfs_points"], cfg["expose"], cfg["hide"]))
             workdir = "/tmp/work"
             os.mkdir(workdir, 0o700)
         else:

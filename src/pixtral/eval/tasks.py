@@ -75,8 +75,6 @@ class Task:
     def needs_judge(self) -> bool:
         return self.kind == "judge"
 
-    scoring = ""  # the runner's SCORING_NOTES describe these tasks
-
     def for_run(self, config: Any) -> Task:
         """The task set up for one run's options (the language tasks bind samples and the sandbox)."""
         return self
@@ -126,7 +124,7 @@ class Task:
             rating = (row.get("judge") or {}).get("rating")
             return {"rating": float(rating), "rated": 1.0} if rating is not None else {}
         keys = self.score_keys
-        return {k: _score(row, k) for k in ((keys[0], keys[-1]) if len(keys) > 1 else keys)}
+        return {k: row_score(row, k) for k in ((keys[0], keys[-1]) if len(keys) > 1 else keys)}
 
     def format_running(self, totals: dict[str, float], count: int) -> str:
         if self.kind == "judge":
@@ -140,18 +138,18 @@ class Task:
         """(`metrics`, `mistral_evals`) over the final rows of all items, in dataset order."""
         if self.kind == "judge":
             return self._aggregate_judge(rows)
-        result: dict[str, Any] = {key: _mean([_score(r, key) for r in rows]) for key in self.score_keys}
+        result: dict[str, Any] = {key: mean_or_none([row_score(r, key) for r in rows]) for key in self.score_keys}
         categories: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             if (row.get("meta") or {}).get("category") is not None:
                 categories[str(row["meta"]["category"])].append(row)
         if categories:
             result["per_category"] = {
-                cat: {"count": len(group), **{k: _mean([_score(r, k) for r in group]) for k in self.score_keys}}
+                cat: {"count": len(group), **{k: mean_or_none([row_score(r, k) for r in group]) for k in self.score_keys}}
                 for cat, group in sorted(categories.items())
             }
         keys = {"levels": (released.EXPLICIT, released.ANYWHERE), "synth": (), "anls": ("anls",), "vqa": ("vqa_match",)}
-        section = {k: _mean([(r.get("mistral_evals") or {}).get(k, 0.0) for r in rows]) for k in keys[self.kind]}
+        section = {k: mean_or_none([(r.get("mistral_evals") or {}).get(k, 0.0) for r in rows]) for k in keys[self.kind]}
         return result, section
 
     def _aggregate_judge(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -163,7 +161,7 @@ class Task:
             per_category[category].append(rating)
             per_turn[str(turn + 1)].append(rating)
         result = {
-            "micro_average": _mean([r for _, _, r in rated]),
+            "micro_average": mean_or_none([r for _, _, r in rated]),
             "per_category": {k: mean(v) for k, v in sorted(per_category.items())},
             "per_turn": {k: mean(v) for k, v in sorted(per_turn.items(), key=lambda kv: int(kv[0]))},
             "unrated_turns": len(rows) - len(rated),
@@ -171,11 +169,12 @@ class Task:
         return result, released.mm_mt_bench_aggregate(rated)
 
 
-def _score(row: dict[str, Any], key: str) -> float:
+def row_score(row: dict[str, Any], key: str) -> float:
+    """A row's score for `key`; a row that is not "ok" (failed, unrated) scores 0."""
     return float((row.get("scores") or {}).get(key, 0.0)) if row.get("status") == "ok" else 0.0
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: list[float]) -> float | None:
     return mean(values) if values else None
 
 
